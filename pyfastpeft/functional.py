@@ -1,0 +1,4 @@
+"""Functional API (autograd-aware). Also re-exported at the top level: ``pfp.lora_linear``."""
+from pyfastpeft.ops.lora_linear import lora_linear
+
+__all__ = ["lora_linear"]

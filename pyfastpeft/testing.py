@@ -1,0 +1,95 @@
+"""Test helpers shared by the test suite and ``pyfastpeft check``: inputs, the tolerance table, checks.
+
+The tolerance policy, written down once (every number carries its reason):
+
+* fp64 (fallback vs reference): ``rtol=1e-10, atol=1e-12`` -- same maths in another order; only rounding
+  at 1e-16 per op, amplified by short reductions.
+* fp32 (fallback and Triton under the interpreter vs fp64 reference): ``rtol=1e-5`` and
+  ``atol = 1e-5 * sqrt(L) / 8 * rms(ref)``, L the reduction length (chained GEMMs add their lengths) --
+  the round-off of a length-L dot product is about ``u * sqrt(L) * rms(result)`` (u = 6e-8 for fp32),
+  so this allows ~20x that; rms(ref) makes it independent of the values' scale.
+* fp16 / bf16, any backend: flash-attention's rule. Run the reference in the same low dtype; a backend
+  may be at most ``2x`` (forward) or ``3x`` (gradients) as far from the fp64 reference as plain PyTorch
+  at that precision is, plus a floor (fp16 ``1e-3``, bf16 ``1e-2``) for outputs where PyTorch happens to
+  be nearly exact.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+FWD_FACTOR = 2.0  # flash-attention: a kernel may be 2x as wrong as PyTorch at the same precision (forward)
+GRAD_FACTOR = 3.0  # ... and 3x for gradients (two more rounded GEMMs on the way)
+LOWP_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 1e-2}  # absolute floor per dtype (flash-attention's)
+FP64_TOL = dict(rtol=1e-10, atol=1e-12)  # fp64 vs fp64: reordering only
+
+
+def fp32_tol(reduction: int, rms: float = 1.0) -> dict:
+    """fp32 tolerance for a result of RMS ``rms`` whose reductions add up to ``reduction`` terms."""
+    return dict(rtol=1e-5, atol=1e-5 * math.sqrt(max(reduction, 1)) / 8 * (rms if rms > 0 else 1.0))
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    err: float  # max |out - ref64|
+    budget: float  # what was allowed
+    rule: str
+
+    def __str__(self) -> str:
+        return f"max err {self.err:.3e} {'<=' if self.ok else '>'} {self.budget:.3e} ({self.rule})"
+
+
+def compare(out: torch.Tensor, ref64: torch.Tensor, ref_lo: Optional[torch.Tensor] = None, *,
+            factor: float = FWD_FACTOR, reduction: int = 1) -> Verdict:
+    """Judge ``out`` against the fp64 reference with the table above (``ref_lo``: reference in out's dtype)."""
+    if out.shape != ref64.shape:
+        return Verdict(False, math.inf, 0.0, f"shape {tuple(out.shape)} != {tuple(ref64.shape)}")
+    if out.numel() == 0:
+        return Verdict(True, 0.0, 0.0, "empty")
+    o, r = out.detach().double().cpu(), ref64.detach().double().cpu()
+    if not torch.isfinite(o).all():
+        return Verdict(False, math.inf, 0.0, "non-finite values in output")
+    err = (o - r).abs().max().item()
+    if out.dtype in (torch.float64, torch.float32):
+        tol = FP64_TOL if out.dtype == torch.float64 else fp32_tol(reduction, r.pow(2).mean().sqrt().item())
+        allowed = tol["atol"] + tol["rtol"] * r.abs()
+        worst = ((o - r).abs() / allowed).argmax()  # the element closest to (or past) its bound
+        e, b = (o - r).abs().flatten()[worst].item(), allowed.flatten()[worst].item()
+        rule = f"{str(out.dtype)[6:]} rtol {tol['rtol']:.0e} atol {tol['atol']:.1e}, at the worst element"
+        return Verdict(e <= b, e, b, rule)
+    if ref_lo is None:
+        raise ValueError(f"compare: a {out.dtype} output needs ref_lo, the reference run in {out.dtype}")
+    lo_err = (ref_lo.detach().double().cpu() - r).abs().max().item()
+    floor = LOWP_FLOOR.get(out.dtype, 1e-3)
+    budget = factor * lo_err + floor
+    return Verdict(err <= budget, err, budget, f"{factor:g}x torch-{str(out.dtype)[6:]} error {lo_err:.2e} + {floor:g}")
+
+
+def assert_close_to_ref(name: str, out: torch.Tensor, ref64: torch.Tensor, ref_lo: Optional[torch.Tensor] = None,
+                        *, factor: float = FWD_FACTOR, reduction: int = 1) -> None:
+    v = compare(out, ref64, ref_lo, factor=factor, reduction=reduction)
+    assert v.ok, f"{name}: {v}"
+
+
+def randn(*shape: int, dtype=torch.float32, device="cpu", scale: float = 1.0, generator=None) -> torch.Tensor:
+    """Fresh random values, never zeros (a zero tensor hides transposition and masking bugs)."""
+    return (torch.randn(*shape, dtype=torch.float64, generator=generator) * scale).to(device=device, dtype=dtype)
+
+
+def lora_inputs(M: int, K: int, N: int, R: int, *, dtype=torch.float32, device="cpu", bias: bool = True,
+                lead: tuple[int, ...] = (), seed: int = 0) -> dict:
+    """Random LoRA inputs (B is *not* zero, unlike PEFT's init, so the update is visible)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (*lead, M, K) if lead else (M, K)
+    return dict(
+        x=randn(*shape, dtype=dtype, device=device, generator=g),
+        weight=randn(N, K, dtype=dtype, device=device, scale=K ** -0.5, generator=g),
+        bias=randn(N, dtype=dtype, device=device, generator=g) if bias else None,
+        lora_a=randn(R, K, dtype=dtype, device=device, scale=K ** -0.5, generator=g),
+        lora_b=randn(N, R, dtype=dtype, device=device, scale=R ** -0.5, generator=g),
+        scale=2.0,
+    )

@@ -1,0 +1,396 @@
+"""Fused LoRA linear kernels (Triton): the ``triton`` backend of ``lora_linear_fwd`` / ``lora_linear_bwd``.
+
+Maths (PEFT's LoRA, ``scale = alpha / r`` or ``alpha / sqrt(r)``), 2-D ``x (M, K)``, ``W (N, K)``,
+``A (R, K)``, ``B (N, R)``:
+
+* forward, one kernel ``_lora_fwd_kernel``: each program owns a ``(BLOCK_M, BLOCK_N)`` tile of ``y``.
+  Its K loop loads each ``x`` tile once and feeds two dots: the base GEMM ``x Wᵀ`` and the shrink
+  ``u = x Aᵀ`` (``BLOCK_M x BLOCK_R``). The expand ``scale · u Bᵀ`` and the bias are the epilogue, so ``y``
+  is written once and never re-read. Programs with ``pid_n == 0`` store ``u`` (saved for backward). The
+  shrink is recomputed by every N tile: ``R / BLOCK_N`` extra tensor-core FLOPs (12.5 % at r=16,
+  BLOCK_N=128) instead of a second pass over ``x``. With dropout the shrink reads ``x_lora`` instead.
+* backward, ``_lora_bwd_dx_kernel``: ``dx = dy W + g A`` with ``g = scale · dy B``, one GEMM over the
+  concatenated reduction ``[dy | g] @ [W ; A]``: the N loop loads each ``dy`` tile once for both
+  ``dy W`` and ``dy B``; ``g`` is complete when the loop ends and its ``R``-long tail is the epilogue.
+  Programs with ``pid_k == 0`` store ``g`` for the weight gradients.
+* ``_matmul_tn_kernel``: ``C = alpha · Pᵀ Q`` reduced over M, for ``dA = gᵀ x_lora`` and ``dB = scale · dyᵀ u``.
+
+Layouts: any strides (2-D views are fine). Accumulation is fp32; outputs are rounded once to the input
+dtype; ``u`` and ``g`` are rounded to the input dtype before their second GEMM (as PyTorch does).
+fp32 inputs use IEEE fp32 dots unless ``torch.backends.cuda.matmul.allow_tf32`` is set (then TF32, as
+PyTorch). Limits: ``R <= 128`` (``BLOCK_R`` holds the whole rank); dtypes fp32/fp16/bf16.
+Interpreter: bf16 ``tl.dot`` is wrong in Triton's CPU interpreter, so bf16 operands are upcast to fp32
+there (``UPCAST``); the real bf16 path is covered by the ahead-of-time compile report.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pyfastpeft._alloc import empty_out
+from pyfastpeft.triton_kernels._config import AOTSpec, autotune_configs, interpreting
+
+MAX_RANK = 128
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _cfg(bm, bn, bk, warps, stages, names=("BLOCK_M", "BLOCK_N", "BLOCK_K")):
+    return triton.Config({names[0]: bm, names[1]: bn, names[2]: bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the shipped GPU configs; the interpreter runs the smallest.
+_FWD_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(64, 64, 64, 4, 3),
+]
+# For dx the output tile is (BLOCK_M, BLOCK_K) and the reduction runs over N in BLOCK_N chunks.
+_DX_CONFIGS = [
+    _cfg(128, 64, 128, 8, 3),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 64, 128, 4, 4),
+    _cfg(64, 64, 64, 4, 3),
+]
+_TN_CONFIGS = [
+    triton.Config({"BLOCK_P": bp, "BLOCK_Q": bq, "BLOCK_M": bm}, num_warps=w, num_stages=s)
+    for bp, bq, bm, w, s in ((128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3), (128, 128, 32, 8, 3))
+]
+_INTERP_FWD = _cfg(16, 32, 32, 1, 1)
+_INTERP_DX = _cfg(16, 32, 32, 1, 1)
+_INTERP_TN = triton.Config({"BLOCK_P": 16, "BLOCK_Q": 32, "BLOCK_M": 32}, num_warps=1, num_stages=1)
+
+
+@triton.jit
+def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Row-grouped program order: GROUP_M row tiles share the same column tiles in L2."""
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size
+    pid_n = (pid % in_group) // size
+    return pid_m, pid_n
+
+
+@triton.autotune(configs=autotune_configs(_FWD_CONFIGS, _INTERP_FWD), key=["N", "K", "BLOCK_R", "M_BUCKET"])
+@triton.jit
+def _lora_fwd_kernel(
+    x_ptr, xl_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr,
+    M, N, K, R, M_BUCKET, scale,
+    stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk,
+    stride_ar, stride_ak, stride_bn, stride_br, stride_ym, stride_yn, stride_um, stride_ur,
+    HAS_XL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * stride can pass 2**31
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok, n_ok, r_ok = rm < M, rn < N, rr < R
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_ok = rk < K
+        xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk,  # Wᵀ tile (BLOCK_K, BLOCK_N)
+                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        at = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak,  # Aᵀ tile (BLOCK_K, BLOCK_R)
+                     mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        if HAS_XL:  # dropout: the shrink reads the dropped-out copy of x
+            xlt = tl.load(xl_ptr + rm[:, None] * stride_xlm + rk[None, :] * stride_xlk,
+                          mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        else:  # the shrink shares the base GEMM's x tile: no second read of x
+            xlt = xt
+        if UPCAST:
+            xt, wt, at, xlt = xt.to(tl.float32), wt.to(tl.float32), at.to(tl.float32), xlt.to(tl.float32)
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        acc_u = tl.dot(xlt, at, acc_u, input_precision=PRECISION)
+    u = acc_u.to(u_ptr.dtype.element_ty)  # rounded like PyTorch's u before the expand
+    bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,  # Bᵀ tile (BLOCK_R, BLOCK_N)
+                 mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    if UPCAST:
+        acc += scale * tl.dot(u.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)
+    else:
+        acc += scale * tl.dot(u, bt, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+    if pid_n == 0:
+        tl.store(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur, u, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.autotune(configs=autotune_configs(_DX_CONFIGS, _INTERP_DX), key=["N", "K", "BLOCK_R", "M_BUCKET", "DX_MODE"])
+@triton.jit
+def _lora_bwd_dx_kernel(
+    dy_ptr, w_ptr, a_ptr, b_ptr, dx_ptr, dxl_ptr, g_ptr,
+    M, N, K, R, M_BUCKET, scale,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_dxm, stride_dxk, stride_dxlm, stride_dxlk, stride_gm, stride_gr,
+    DX_MODE: tl.constexpr,  # 0: only g; 1: dx = dy W + g A; 2: dx = dy W and dx_lora = g A apart
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    if DX_MODE != 0:
+        num_k = tl.cdiv(K, BLOCK_K)
+    else:
+        num_k = 1
+    pid_m, pid_k = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_k, GROUP_M)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rk = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok, k_ok, r_ok = rm < M, rk < K, rr < R
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rn = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        n_ok = rn < N
+        dyt = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        bt = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,  # B tile (BLOCK_N, BLOCK_R)
+                     mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        if UPCAST:
+            dyt, bt = dyt.to(tl.float32), bt.to(tl.float32)
+        acc_g = tl.dot(dyt, bt, acc_g, input_precision=PRECISION)
+        if DX_MODE != 0:
+            wt = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,  # W tile (BLOCK_N, BLOCK_K)
+                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                wt = wt.to(tl.float32)
+            acc = tl.dot(dyt, wt, acc, input_precision=PRECISION)
+    g = (acc_g * scale).to(g_ptr.dtype.element_ty)
+    if pid_k == 0:
+        tl.store(g_ptr + rm[:, None] * stride_gm + rr[None, :] * stride_gr, g, mask=m_ok[:, None] & r_ok[None, :])
+    if DX_MODE != 0:
+        at = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,  # A tile (BLOCK_R, BLOCK_K)
+                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            lora = tl.dot(g.to(tl.float32), at.to(tl.float32), input_precision=PRECISION)
+        else:
+            lora = tl.dot(g, at, input_precision=PRECISION)
+        out_mask = m_ok[:, None] & k_ok[None, :]
+        if DX_MODE == 1:
+            acc += lora
+        else:
+            tl.store(dxl_ptr + rm[:, None] * stride_dxlm + rk[None, :] * stride_dxlk,
+                     lora.to(dxl_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
+                 mask=out_mask)
+
+
+@triton.autotune(configs=autotune_configs(_TN_CONFIGS, _INTERP_TN), key=["P", "Q", "M_BUCKET"])
+@triton.jit
+def _matmul_tn_kernel(
+    p_ptr, q_ptr, c_ptr, M, P, Q, M_BUCKET, alpha,
+    stride_pm, stride_pp, stride_qm, stride_qq, stride_cp, stride_cq,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """C (P, Q) = alpha · Pmatᵀ Qmat, with Pmat (M, P), Qmat (M, Q), reduced over M."""
+    rp = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    rq = (tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
+    p_ok, q_ok = rp < P, rq < Q
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rm = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        m_ok = rm < M
+        pt = tl.load(p_ptr + rm[None, :] * stride_pm + rp[:, None] * stride_pp,  # Pᵀ tile (BLOCK_P, BLOCK_M)
+                     mask=p_ok[:, None] & m_ok[None, :], other=0.0)
+        qt = tl.load(q_ptr + rm[:, None] * stride_qm + rq[None, :] * stride_qq,
+                     mask=m_ok[:, None] & q_ok[None, :], other=0.0)
+        if UPCAST:
+            pt, qt = pt.to(tl.float32), qt.to(tl.float32)
+        acc = tl.dot(pt, qt, acc, input_precision=PRECISION)
+    tl.store(c_ptr + rp[:, None] * stride_cp + rq[None, :] * stride_cq, (acc * alpha).to(c_ptr.dtype.element_ty),
+             mask=p_ok[:, None] & q_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+def _block_r(R: int) -> int:
+    return max(16, triton.next_power_of_2(R))  # tl.dot needs every block dimension >= 16
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"  # PyTorch's fp32 matmul default is IEEE fp32; match it
+    return "tf32"  # fp32 with allow_tf32, or ignored for fp16/bf16 operands
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return interpreting() and dtype == torch.bfloat16  # the interpreter's bf16 tl.dot is wrong (NOTES.md)
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    # The interpreter also truncates fp32 -> bf16 stores (measured: 2x torch's round-to-nearest error), so
+    # there bf16 kernels write fp32 and torch rounds; compiled kernels store bf16 directly (RTNE).
+    return torch.float32 if _upcast(dtype) else dtype
+
+
+def _finish(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def supports(dtype: torch.dtype, R: int) -> str | None:
+    """None when these kernels take the call, else why not (the registry's ``supports``)."""
+    if dtype not in _DTYPES:
+        return f"dtype {dtype} (Triton LoRA kernels take fp32, fp16, bf16)"
+    if R > MAX_RANK:
+        return f"rank {R} > {MAX_RANK} (BLOCK_R holds the whole rank)"
+    return None
+
+
+def lora_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale: float):
+    """y = x Wᵀ + bias + scale · (x_lora Aᵀ) Bᵀ and u = x_lora Aᵀ; x_lora=None reuses x's tiles."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_a.shape[0]
+    odt = _out_dtype(x.dtype)
+    y = empty_out((M, N), like=x, dtype=odt)
+    u = empty_out((M, R), like=x, dtype=odt)
+    if M == 0 or N == 0:
+        return _finish(y, x.dtype), _finish(u, x.dtype)
+    xl = x if x_lora is None else x_lora
+    dummy = x  # never dereferenced when its HAS_* flag is off
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _lora_fwd_kernel[grid](
+        x, xl, weight, bias if bias is not None else dummy, lora_a, lora_b, y, u,
+        M, N, K, R, triton.next_power_of_2(M), float(scale),
+        x.stride(0), x.stride(1), xl.stride(0), xl.stride(1), weight.stride(0), weight.stride(1),
+        lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
+        y.stride(0), y.stride(1), u.stride(0), u.stride(1),
+        HAS_XL=x_lora is not None, HAS_BIAS=bias is not None, UPCAST=_upcast(x.dtype),
+        PRECISION=_precision(x.dtype), BLOCK_R=_block_r(R),
+    )
+    return _finish(y, x.dtype), _finish(u, x.dtype)
+
+
+def matmul_tn(p, q, alpha: float, out_dtype=None):
+    """C = alpha · pᵀ q for p (M, P), q (M, Q); fp32 accumulation."""
+    M, P = p.shape
+    Q = q.shape[1]
+    dtype = out_dtype or p.dtype
+    c = empty_out((P, Q), like=p, dtype=_out_dtype(dtype))
+    if M == 0:
+        return _finish(c.zero_(), dtype)
+    grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(Q, meta["BLOCK_Q"]))  # noqa: E731
+    _matmul_tn_kernel[grid](
+        p, q, c, M, P, Q, triton.next_power_of_2(M), float(alpha),
+        p.stride(0), p.stride(1), q.stride(0), q.stride(1), c.stride(0), c.stride(1),
+        UPCAST=_upcast(p.dtype), PRECISION=_precision(p.dtype),
+    )
+    return _finish(c, dtype)
+
+
+def lora_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale: float, dx_mode: int):
+    """(dx, dx_lora, dA, dB) of the fallback contract (``pyfastpeft.fallback.lora_linear.bwd``)."""
+    M, N = dy.shape
+    K, R = weight.shape[1], lora_a.shape[0]
+    odt = _out_dtype(dy.dtype)
+    g = empty_out((M, R), like=dy, dtype=odt)
+    # outputs that are not computed are distinct empty tensors (custom-op outputs may not alias)
+    dx = empty_out((M, K) if dx_mode else (0,), like=dy, dtype=odt)
+    dxl = empty_out((M, K) if dx_mode == 2 else (0,), like=dy, dtype=odt)
+    if M > 0:
+        if N == 0:
+            g.zero_()
+            if dx_mode:
+                dx.zero_()
+            if dx_mode == 2:
+                dxl.zero_()
+        else:
+            grid = lambda meta: (  # noqa: E731
+                triton.cdiv(M, meta["BLOCK_M"]) * (triton.cdiv(K, meta["BLOCK_K"]) if dx_mode else 1),)
+            _lora_bwd_dx_kernel[grid](
+                dy, weight, lora_a, lora_b, dx if dx_mode else g, dxl if dx_mode == 2 else g, g,
+                M, N, K, R, triton.next_power_of_2(M), float(scale),
+                dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
+                lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
+                dx.stride(0) if dx_mode else 0, dx.stride(1) if dx_mode else 0,
+                dxl.stride(0) if dx_mode == 2 else 0, dxl.stride(1) if dx_mode == 2 else 0,
+                g.stride(0), g.stride(1),
+                DX_MODE=int(dx_mode), UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype),
+                BLOCK_R=_block_r(R),
+            )
+    g = _finish(g, dy.dtype)  # g feeds dA; rounded like PyTorch's
+    da = matmul_tn(g, x_lora, 1.0)
+    db = matmul_tn(dy, u, scale)
+    return _finish(dx, dy.dtype), _finish(dxl, dy.dtype), da, db
+
+
+# ----------------------------------------------------------------------------------------------- cost model
+def fwd_cost(M: int, N: int, K: int, R: int, itemsize: int, *, has_bias: bool, has_xl: bool, block_n: int = 128):
+    """Declared FLOPs and unique HBM bytes of one ``_lora_fwd_kernel`` launch (checked by a test
+    against the bytes its loads and stores touch under the interpreter)."""
+    n_tiles = -(-N // block_n) if N else 0
+    flops = 2 * M * N * K + 2 * M * K * R * n_tiles + 2 * M * N * R
+    read = M * K + (M * K if has_xl else 0) + N * K + R * K + N * R + (N if has_bias else 0)
+    write = M * N + M * R
+    return dict(flops=flops, read=read * itemsize, write=write * itemsize)
+
+
+def bwd_dx_cost(M: int, N: int, K: int, R: int, itemsize: int, *, dx_mode: int, block_k: int = 64):
+    k_tiles = (-(-K // block_k) if K else 0) if dx_mode else 1
+    flops = 2 * M * N * R * k_tiles + (2 * M * N * K + 2 * M * R * K if dx_mode else 0)
+    read = M * N + N * R + ((N * K + R * K) if dx_mode else 0)
+    write = M * R + (M * K if dx_mode else 0) + (M * K if dx_mode == 2 else 0)
+    return dict(flops=flops, read=read * itemsize, write=write * itemsize)
+
+
+def tn_cost(M: int, P: int, Q: int, itemsize: int):
+    return dict(flops=2 * M * P * Q, read=(M * P + M * Q) * itemsize, write=P * Q * itemsize)
+
+
+# ----------------------------------------------------------------------------------------------- AOT specs
+_TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _aot_specs() -> list[AOTSpec]:
+    specs = []
+    for dt, ty in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
+        prec = "ieee" if dt == torch.float32 else "tf32"
+        ptr = f"*{ty}"
+        # bf16 ships every config at r in {16, 64, 128}; fp16/fp32 the first config at r=16 (same code shape)
+        ranks = (16, 64, 128) if ty == "bf16" else (16,)
+        for BR in ranks:
+            for cfg in (_FWD_CONFIGS if ty == "bf16" else _FWD_CONFIGS[:1]):
+                kw = cfg.kwargs
+                sig = {n: ptr for n in ("x_ptr", "xl_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "y_ptr", "u_ptr")}
+                sig.update({n: "i32" for n in ("M", "N", "K", "R", "M_BUCKET")})
+                sig["scale"] = "fp32"
+                sig.update({n: "i32" for n in ("stride_xm", "stride_xk", "stride_xlm", "stride_xlk", "stride_wn",
+                                                "stride_wk", "stride_ar", "stride_ak", "stride_bn", "stride_br",
+                                                "stride_ym", "stride_yn", "stride_um", "stride_ur")})
+                cx = dict(HAS_XL=False, HAS_BIAS=True, UPCAST=False, PRECISION=prec, BLOCK_R=BR, **kw)
+                sig.update({n: "constexpr" for n in cx})
+                specs.append(AOTSpec(f"lora_fwd/{ty}/r{BR}/{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}",
+                                     _lora_fwd_kernel.fn, sig, cx, cfg.num_warps, cfg.num_stages))
+            for cfg in (_DX_CONFIGS if ty == "bf16" else _DX_CONFIGS[:1]):
+                kw = cfg.kwargs
+                sig = {n: ptr for n in ("dy_ptr", "w_ptr", "a_ptr", "b_ptr", "dx_ptr", "dxl_ptr", "g_ptr")}
+                sig.update({n: "i32" for n in ("M", "N", "K", "R", "M_BUCKET")})
+                sig["scale"] = "fp32"
+                sig.update({n: "i32" for n in ("stride_dym", "stride_dyn", "stride_wn", "stride_wk", "stride_ar",
+                                                "stride_ak", "stride_bn", "stride_br", "stride_dxm", "stride_dxk",
+                                                "stride_dxlm", "stride_dxlk", "stride_gm", "stride_gr")})
+                cx = dict(DX_MODE=1, UPCAST=False, PRECISION=prec, BLOCK_R=BR, **kw)
+                sig.update({n: "constexpr" for n in cx})
+                specs.append(AOTSpec(f"lora_bwd_dx/{ty}/r{BR}/{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}",
+                                     _lora_bwd_dx_kernel.fn, sig, cx, cfg.num_warps, cfg.num_stages))
+        for cfg in (_TN_CONFIGS if ty == "bf16" else _TN_CONFIGS[:1]):
+            kw = cfg.kwargs
+            sig = {"p_ptr": ptr, "q_ptr": ptr, "c_ptr": ptr, "M": "i32", "P": "i32", "Q": "i32", "M_BUCKET": "i32",
+                   "alpha": "fp32"}
+            sig.update({n: "i32" for n in ("stride_pm", "stride_pp", "stride_qm", "stride_qq", "stride_cp",
+                                            "stride_cq")})
+            cx = dict(UPCAST=False, PRECISION=prec, **kw)
+            sig.update({n: "constexpr" for n in cx})
+            specs.append(AOTSpec(f"matmul_tn/{ty}/{kw['BLOCK_P']}x{kw['BLOCK_Q']}x{kw['BLOCK_M']}",
+                                 _matmul_tn_kernel.fn, sig, cx, cfg.num_warps, cfg.num_stages))
+    return specs
+
+
+AOT_SPECS = _aot_specs()
