@@ -93,3 +93,15 @@ def lora_inputs(M: int, K: int, N: int, R: int, *, dtype=torch.float32, device="
         lora_b=randn(N, R, dtype=dtype, device=device, scale=R ** -0.5, generator=g),
         scale=2.0,
     )
+
+
+PEER_REL = 1e-5  # fp32 parity with a peer implementation (PEFT): same maths, other summation order
+
+
+def assert_rel_close(name: str, got: torch.Tensor, want: torch.Tensor, rel: float = PEER_REL) -> None:
+    """Norm-wise relative error ``‖got − want‖ / ‖want‖ <= rel`` (for parity with peers' implementations,
+    whose summation order differs from ours: elementwise checks then fail on near-zero elements)."""
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    g, w = got.detach().double(), want.detach().double()
+    err = (g - w).norm().item() / max(w.norm().item(), 1e-30)
+    assert err <= rel, f"{name}: relative error {err:.3e} > {rel:.1e}"

@@ -73,7 +73,6 @@ def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.autotune(configs=autotune_configs(_FWD_CONFIGS, _INTERP_FWD), key=["N", "K", "BLOCK_R", "M_BUCKET"])
 @triton.jit
 def _lora_fwd_kernel(
     x_ptr, xl_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr,
@@ -124,7 +123,6 @@ def _lora_fwd_kernel(
         tl.store(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur, u, mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.autotune(configs=autotune_configs(_DX_CONFIGS, _INTERP_DX), key=["N", "K", "BLOCK_R", "M_BUCKET", "DX_MODE"])
 @triton.jit
 def _lora_bwd_dx_kernel(
     dy_ptr, w_ptr, a_ptr, b_ptr, dx_ptr, dxl_ptr, g_ptr,
@@ -183,7 +181,6 @@ def _lora_bwd_dx_kernel(
                  mask=out_mask)
 
 
-@triton.autotune(configs=autotune_configs(_TN_CONFIGS, _INTERP_TN), key=["P", "Q", "M_BUCKET"])
 @triton.jit
 def _matmul_tn_kernel(
     p_ptr, q_ptr, c_ptr, M, P, Q, M_BUCKET, alpha,
@@ -285,8 +282,8 @@ def matmul_tn(p, q, alpha: float, out_dtype=None):
     return _finish(c, dtype)
 
 
-def lora_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale: float, dx_mode: int):
-    """(dx, dx_lora, dA, dB) of the fallback contract (``pyfastpeft.fallback.lora_linear.bwd``)."""
+def bwd_dx(dy, weight, lora_a, lora_b, scale: float, dx_mode: int):
+    """One ``_lora_bwd_dx_kernel`` launch: ``(dx, dx_lora, g)`` with ``g = scale · dy B``."""
     M, N = dy.shape
     K, R = weight.shape[1], lora_a.shape[0]
     odt = _out_dtype(dy.dtype)
@@ -294,102 +291,119 @@ def lora_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale: float, dx_mode: int):
     # outputs that are not computed are distinct empty tensors (custom-op outputs may not alias)
     dx = empty_out((M, K) if dx_mode else (0,), like=dy, dtype=odt)
     dxl = empty_out((M, K) if dx_mode == 2 else (0,), like=dy, dtype=odt)
-    if M > 0:
-        if N == 0:
-            g.zero_()
-            if dx_mode:
-                dx.zero_()
-            if dx_mode == 2:
-                dxl.zero_()
-        else:
-            grid = lambda meta: (  # noqa: E731
-                triton.cdiv(M, meta["BLOCK_M"]) * (triton.cdiv(K, meta["BLOCK_K"]) if dx_mode else 1),)
-            _lora_bwd_dx_kernel[grid](
-                dy, weight, lora_a, lora_b, dx if dx_mode else g, dxl if dx_mode == 2 else g, g,
-                M, N, K, R, triton.next_power_of_2(M), float(scale),
-                dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
-                lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
-                dx.stride(0) if dx_mode else 0, dx.stride(1) if dx_mode else 0,
-                dxl.stride(0) if dx_mode == 2 else 0, dxl.stride(1) if dx_mode == 2 else 0,
-                g.stride(0), g.stride(1),
-                DX_MODE=int(dx_mode), UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype),
-                BLOCK_R=_block_r(R),
-            )
-    g = _finish(g, dy.dtype)  # g feeds dA; rounded like PyTorch's
+    if M > 0 and N == 0:  # empty reduction
+        for t in (g, dx, dxl):
+            t.zero_()
+    elif M > 0:
+        grid = lambda meta: (  # noqa: E731
+            triton.cdiv(M, meta["BLOCK_M"]) * (triton.cdiv(K, meta["BLOCK_K"]) if dx_mode else 1),)
+        _lora_bwd_dx_kernel[grid](
+            dy, weight, lora_a, lora_b, dx if dx_mode else g, dxl if dx_mode == 2 else g, g,
+            M, N, K, R, triton.next_power_of_2(M), float(scale),
+            dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
+            lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
+            dx.stride(0) if dx_mode else 0, dx.stride(1) if dx_mode else 0,
+            dxl.stride(0) if dx_mode == 2 else 0, dxl.stride(1) if dx_mode == 2 else 0,
+            g.stride(0), g.stride(1),
+            DX_MODE=int(dx_mode), UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype),
+            BLOCK_R=_block_r(R),
+        )
+    return _finish(dx, dy.dtype), _finish(dxl, dy.dtype), _finish(g, dy.dtype)
+
+
+def lora_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale: float, dx_mode: int):
+    """(dx, dx_lora, dA, dB) of the fallback contract (``pyfastpeft.fallback.lora_linear.bwd``)."""
+    dx, dxl, g = bwd_dx(dy, weight, lora_a, lora_b, scale, dx_mode)  # g is rounded like PyTorch's
     da = matmul_tn(g, x_lora, 1.0)
     db = matmul_tn(dy, u, scale)
-    return _finish(dx, dy.dtype), _finish(dxl, dy.dtype), da, db
+    return dx, dxl, da, db
 
 
 # ----------------------------------------------------------------------------------------------- cost model
-def fwd_cost(M: int, N: int, K: int, R: int, itemsize: int, *, has_bias: bool, has_xl: bool, block_n: int = 128):
-    """Declared FLOPs and unique HBM bytes of one ``_lora_fwd_kernel`` launch (checked by a test
-    against the bytes its loads and stores touch under the interpreter)."""
-    n_tiles = -(-N // block_n) if N else 0
-    flops = 2 * M * N * K + 2 * M * K * R * n_tiles + 2 * M * N * R
-    read = M * K + (M * K if has_xl else 0) + N * K + R * K + N * R + (N if has_bias else 0)
-    write = M * N + M * R
-    return dict(flops=flops, read=read * itemsize, write=write * itemsize)
-
-
-def bwd_dx_cost(M: int, N: int, K: int, R: int, itemsize: int, *, dx_mode: int, block_k: int = 64):
-    k_tiles = (-(-K // block_k) if K else 0) if dx_mode else 1
-    flops = 2 * M * N * R * k_tiles + (2 * M * N * K + 2 * M * R * K if dx_mode else 0)
-    read = M * N + N * R + ((N * K + R * K) if dx_mode else 0)
-    write = M * R + (M * K if dx_mode else 0) + (M * K if dx_mode == 2 else 0)
-    return dict(flops=flops, read=read * itemsize, write=write * itemsize)
-
-
-def tn_cost(M: int, P: int, Q: int, itemsize: int):
-    return dict(flops=2 * M * P * Q, read=(M * P + M * Q) * itemsize, write=P * Q * itemsize)
+# Declared FLOPs / unique HBM bytes per launch live in a Triton-free module (pfp.perf reads them without
+# importing Triton); tests/ops/test_lora_linear_cost.py checks them against the interpreter's loads/stores.
+from pyfastpeft.triton_kernels._lora_linear_cost import bwd_dx_cost, fwd_cost, tn_cost  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------------------------- AOT specs
-_TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+def _spec(name, kernel, ptrs, ints, strides, unit, cx, cfg, ty):
+    """One AOTSpec as a real launch on contiguous tensors specialises it: unit strides become the
+    constant 1, and sizes / leading strides are marked divisible by 16 (the JIT does both at launch)."""
+    sig = {n: f"*{ty}" for n in ptrs}
+    sig.update({n: "i32" for n in ints + strides})
+    sig["scale" if "scale" in kernel.arg_names else "alpha"] = "fp32"
+    sig.update({n: "constexpr" for n in cx})
+    consts = dict(cx, **{n: 1 for n in unit})
+    div16 = [n for n in ints + strides if n not in unit and n not in ("M", "R", "P")]
+    return AOTSpec(name, kernel, sig, consts, cfg.num_warps, cfg.num_stages, meta={"divisible_by_16": div16})
+
+
+def _fwd_spec(ty, prec, BR, cfg):
+    kw = cfg.kwargs
+    return _spec(
+        f"lora_fwd/{ty}/r{BR}/{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}", _lora_fwd_kernel,
+        ["x_ptr", "xl_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "y_ptr", "u_ptr"],
+        ["M", "N", "K", "R", "M_BUCKET"],
+        ["stride_xm", "stride_xk", "stride_xlm", "stride_xlk", "stride_wn", "stride_wk", "stride_ar",
+         "stride_ak", "stride_bn", "stride_br", "stride_ym", "stride_yn", "stride_um", "stride_ur"],
+        ["stride_xk", "stride_xlk", "stride_wk", "stride_ak", "stride_br", "stride_yn", "stride_ur"],
+        dict(HAS_XL=False, HAS_BIAS=True, UPCAST=False, PRECISION=prec, BLOCK_R=BR, **kw), cfg, ty)
+
+
+def _dx_spec(ty, prec, BR, cfg):
+    kw = cfg.kwargs
+    return _spec(
+        f"lora_bwd_dx/{ty}/r{BR}/{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}", _lora_bwd_dx_kernel,
+        ["dy_ptr", "w_ptr", "a_ptr", "b_ptr", "dx_ptr", "dxl_ptr", "g_ptr"],
+        ["M", "N", "K", "R", "M_BUCKET"],
+        ["stride_dym", "stride_dyn", "stride_wn", "stride_wk", "stride_ar", "stride_ak", "stride_bn",
+         "stride_br", "stride_dxm", "stride_dxk", "stride_dxlm", "stride_dxlk", "stride_gm", "stride_gr"],
+        ["stride_dyn", "stride_wk", "stride_ak", "stride_br", "stride_dxk", "stride_dxlk", "stride_gr"],
+        dict(DX_MODE=1, UPCAST=False, PRECISION=prec, BLOCK_R=BR, **kw), cfg, ty)
+
+
+def _tn_spec(ty, prec, cfg):
+    kw = cfg.kwargs
+    return _spec(
+        f"matmul_tn/{ty}/{kw['BLOCK_P']}x{kw['BLOCK_Q']}x{kw['BLOCK_M']}", _matmul_tn_kernel,
+        ["p_ptr", "q_ptr", "c_ptr"], ["M", "P", "Q", "M_BUCKET"],
+        ["stride_pm", "stride_pp", "stride_qm", "stride_qq", "stride_cp", "stride_cq"],
+        ["stride_pp", "stride_qq", "stride_cq"], dict(UPCAST=False, PRECISION=prec, **kw), cfg, ty)
 
 
 def _aot_specs() -> list[AOTSpec]:
+    """Every shipped bf16 config at r in {16, 64, 128}; fp16/fp32: the first config at r=16 (same code)."""
     specs = []
     for dt, ty in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
         prec = "ieee" if dt == torch.float32 else "tf32"
-        ptr = f"*{ty}"
-        # bf16 ships every config at r in {16, 64, 128}; fp16/fp32 the first config at r=16 (same code shape)
-        ranks = (16, 64, 128) if ty == "bf16" else (16,)
-        for BR in ranks:
+        for BR in ((16, 64, 128) if ty == "bf16" else (16,)):
             for cfg in (_FWD_CONFIGS if ty == "bf16" else _FWD_CONFIGS[:1]):
                 kw = cfg.kwargs
-                sig = {n: ptr for n in ("x_ptr", "xl_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "y_ptr", "u_ptr")}
-                sig.update({n: "i32" for n in ("M", "N", "K", "R", "M_BUCKET")})
-                sig["scale"] = "fp32"
-                sig.update({n: "i32" for n in ("stride_xm", "stride_xk", "stride_xlm", "stride_xlk", "stride_wn",
-                                                "stride_wk", "stride_ar", "stride_ak", "stride_bn", "stride_br",
-                                                "stride_ym", "stride_yn", "stride_um", "stride_ur")})
-                cx = dict(HAS_XL=False, HAS_BIAS=True, UPCAST=False, PRECISION=prec, BLOCK_R=BR, **kw)
-                sig.update({n: "constexpr" for n in cx})
-                specs.append(AOTSpec(f"lora_fwd/{ty}/r{BR}/{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}",
-                                     _lora_fwd_kernel.fn, sig, cx, cfg.num_warps, cfg.num_stages))
+                specs.append(_spec(
+                    f"lora_fwd/{ty}/r{BR}/{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}", _lora_fwd_kernel.fn,
+                    ["x_ptr", "xl_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "y_ptr", "u_ptr"],
+                    ["M", "N", "K", "R", "M_BUCKET"],
+                    ["stride_xm", "stride_xk", "stride_xlm", "stride_xlk", "stride_wn", "stride_wk", "stride_ar",
+                     "stride_ak", "stride_bn", "stride_br", "stride_ym", "stride_yn", "stride_um", "stride_ur"],
+                    ["stride_xk", "stride_xlk", "stride_wk", "stride_ak", "stride_br", "stride_yn", "stride_ur"],
+                    dict(HAS_XL=False, HAS_BIAS=True, UPCAST=False, PRECISION=prec, BLOCK_R=BR, **kw), cfg, ty))
             for cfg in (_DX_CONFIGS if ty == "bf16" else _DX_CONFIGS[:1]):
                 kw = cfg.kwargs
-                sig = {n: ptr for n in ("dy_ptr", "w_ptr", "a_ptr", "b_ptr", "dx_ptr", "dxl_ptr", "g_ptr")}
-                sig.update({n: "i32" for n in ("M", "N", "K", "R", "M_BUCKET")})
-                sig["scale"] = "fp32"
-                sig.update({n: "i32" for n in ("stride_dym", "stride_dyn", "stride_wn", "stride_wk", "stride_ar",
-                                                "stride_ak", "stride_bn", "stride_br", "stride_dxm", "stride_dxk",
-                                                "stride_dxlm", "stride_dxlk", "stride_gm", "stride_gr")})
-                cx = dict(DX_MODE=1, UPCAST=False, PRECISION=prec, BLOCK_R=BR, **kw)
-                sig.update({n: "constexpr" for n in cx})
-                specs.append(AOTSpec(f"lora_bwd_dx/{ty}/r{BR}/{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}",
-                                     _lora_bwd_dx_kernel.fn, sig, cx, cfg.num_warps, cfg.num_stages))
+                specs.append(_spec(
+                    f"lora_bwd_dx/{ty}/r{BR}/{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}", _lora_bwd_dx_kernel.fn,
+                    ["dy_ptr", "w_ptr", "a_ptr", "b_ptr", "dx_ptr", "dxl_ptr", "g_ptr"],
+                    ["M", "N", "K", "R", "M_BUCKET"],
+                    ["stride_dym", "stride_dyn", "stride_wn", "stride_wk", "stride_ar", "stride_ak", "stride_bn",
+                     "stride_br", "stride_dxm", "stride_dxk", "stride_dxlm", "stride_dxlk", "stride_gm", "stride_gr"],
+                    ["stride_dyn", "stride_wk", "stride_ak", "stride_br", "stride_dxk", "stride_dxlk", "stride_gr"],
+                    dict(DX_MODE=1, UPCAST=False, PRECISION=prec, BLOCK_R=BR, **kw), cfg, ty))
         for cfg in (_TN_CONFIGS if ty == "bf16" else _TN_CONFIGS[:1]):
             kw = cfg.kwargs
-            sig = {"p_ptr": ptr, "q_ptr": ptr, "c_ptr": ptr, "M": "i32", "P": "i32", "Q": "i32", "M_BUCKET": "i32",
-                   "alpha": "fp32"}
-            sig.update({n: "i32" for n in ("stride_pm", "stride_pp", "stride_qm", "stride_qq", "stride_cp",
-                                            "stride_cq")})
-            cx = dict(UPCAST=False, PRECISION=prec, **kw)
-            sig.update({n: "constexpr" for n in cx})
-            specs.append(AOTSpec(f"matmul_tn/{ty}/{kw['BLOCK_P']}x{kw['BLOCK_Q']}x{kw['BLOCK_M']}",
-                                 _matmul_tn_kernel.fn, sig, cx, cfg.num_warps, cfg.num_stages))
+            specs.append(_spec(
+                f"matmul_tn/{ty}/{kw['BLOCK_P']}x{kw['BLOCK_Q']}x{kw['BLOCK_M']}", _matmul_tn_kernel.fn,
+                ["p_ptr", "q_ptr", "c_ptr"], ["M", "P", "Q", "M_BUCKET"],
+                ["stride_pm", "stride_pp", "stride_qm", "stride_qq", "stride_cp", "stride_cq"],
+                ["stride_pp", "stride_qq", "stride_cq"], dict(UPCAST=False, PRECISION=prec, **kw), cfg, ty))
     return specs
 
 

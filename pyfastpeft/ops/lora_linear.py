@@ -226,20 +226,27 @@ def validate_lora_args(x, weight, bias, lora_a, lora_b, scale, dropout_p) -> Non
     for name, t in (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must share a device")
-    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+    if weight.dtype != x.dtype and not _autocast_on(x.device.type):
         raise ValueError(f"weight dtype {weight.dtype} must match x dtype {x.dtype} (or run under autocast)")
     if weight.requires_grad:
         raise ValueError("weight must be frozen (requires_grad=False): LoRA trains only lora_a and lora_b")
-    if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(float(scale)):
+    if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.SymFloat)):
         raise ValueError(f"scale must be a finite real number, got {scale!r}")
-    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= float(dropout_p) < 1.0:
+    # a traced (symbolic) scale is checked in eager mode only: math.isfinite would break the graph
+    if not torch.compiler.is_compiling() and not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be a finite real number, got {scale!r}")
+    if not isinstance(dropout_p, (numbers.Real, torch.SymFloat)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
 
 
+def _autocast_on(device_type: str) -> bool:
+    # autocast exists for real devices only (asking about "meta" raises)
+    return device_type in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(device_type)
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.dtype != torch.float64:
-        return torch.get_autocast_dtype(dev)
+    if _autocast_on(x.device.type) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
 
@@ -283,3 +290,44 @@ def explain_args(x, weight, bias, lora_a, lora_b, scale, *, dropout_p=0.0, backe
     """Map public arguments to the forward primitive's (for ``pfp.explain``)."""
     x2 = x.reshape(-1, x.shape[-1])
     return FWD, x.device, (x2, None, weight, bias, lora_a, lora_b, float(scale)), backend
+
+
+# --------------------------------------------------------------------------------------------- cost model
+def _tc(dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def _fwd_cost(args, kwargs, outputs):
+    """Launches of the Triton forward (the GPU fast path), for ``pfp.perf.count``."""
+    from pyfastpeft.perf import Launch
+    from pyfastpeft.triton_kernels._lora_linear_cost import fwd_cost
+
+    x, x_lora, weight, bias, lora_a = args[:5]
+    (M, K), N, R = x.shape, weight.shape[0], lora_a.shape[0]
+    c = fwd_cost(M, N, K, R, x.element_size(), has_bias=bias is not None, has_xl=x_lora is not None)
+    return [Launch("triton:lora_fwd", c["flops"], c["read"] + c["write"], x.dtype, _tc(x.dtype))]
+
+
+def _bwd_cost(args, kwargs, outputs):
+    """Launches of the Triton backward: the fused dx kernel and the two weight-gradient GEMMs."""
+    from pyfastpeft.perf import Launch
+    from pyfastpeft.triton_kernels._lora_linear_cost import bwd_dx_cost, tn_cost
+
+    dy, x_lora, u, weight, lora_a = args[:5]
+    dx_mode = args[7]
+    (M, N), K, R, s = dy.shape, weight.shape[1], lora_a.shape[0], dy.element_size()
+    dx = bwd_dx_cost(M, N, K, R, s, dx_mode=dx_mode)
+    da, db = tn_cost(M, R, K, s), tn_cost(M, N, R, s)
+    return [Launch("triton:lora_bwd_dx", dx["flops"], dx["read"] + dx["write"], dy.dtype, _tc(dy.dtype)),
+            Launch("triton:matmul_tn(dA)", da["flops"], da["read"] + da["write"], dy.dtype, _tc(dy.dtype)),
+            Launch("triton:matmul_tn(dB)", db["flops"], db["read"] + db["write"], dy.dtype, _tc(dy.dtype))]
+
+
+def _register_costs() -> None:
+    from pyfastpeft import perf
+
+    perf.register_cost("pyfastpeft::lora_linear_fwd", _fwd_cost)
+    perf.register_cost("pyfastpeft::lora_linear_bwd", _bwd_cost)
+
+
+_register_costs()

@@ -1,0 +1,58 @@
+"""The declared byte formulas of the LoRA Triton launchers equal the bytes their loads/stores touch.
+
+Each launch runs under the Triton interpreter with ``pyfastpeft.triton_trace.trace_memory``, which
+records the distinct addresses of every unmasked lane of every ``tl.load`` / ``tl.store``.
+fp32 and fp16 only: under the interpreter bf16 kernels write fp32 buffers (see the kernel module).
+"""
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="traces the Triton interpreter")
+
+triton = pytest.importorskip("triton")
+
+from pyfastpeft.testing import lora_inputs  # noqa: E402
+from pyfastpeft.triton_trace import trace_memory  # noqa: E402
+
+SHAPES = [(37, 120, 72, 3), (16, 64, 48, 16), (5, 33, 17, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("M, K, N, R", SHAPES)
+@pytest.mark.parametrize("has_bias, has_xl", [(True, False), (False, True)])
+def test_fwd_declared_bytes(M, K, N, R, dtype, has_bias, has_xl):
+    from pyfastpeft.triton_kernels import lora_linear as tk
+
+    d = lora_inputs(M, K, N, R, dtype=dtype, bias=has_bias)
+    xl = d["x"] * 0.5 if has_xl else None
+    with trace_memory() as tr:
+        y, u = tk.lora_fwd(d["x"], xl, d["weight"], d["bias"], d["lora_a"], d["lora_b"], 2.0)
+    c = tk.fwd_cost(M, N, K, R, d["x"].element_size(), has_bias=has_bias, has_xl=has_xl)
+    assert (tr.loaded_bytes, tr.stored_bytes) == (c["read"], c["write"])
+
+
+@pytest.mark.parametrize("dx_mode", [0, 1, 2])
+@pytest.mark.parametrize("M, K, N, R", SHAPES)
+def test_bwd_dx_declared_bytes(M, K, N, R, dx_mode):
+    from pyfastpeft.triton_kernels import lora_linear as tk
+
+    d = lora_inputs(M, K, N, R)
+    dy = torch.randn(M, N)
+    with trace_memory() as tr:
+        tk.bwd_dx(dy, d["weight"], d["lora_a"], d["lora_b"], 2.0, dx_mode)
+    c = tk.bwd_dx_cost(M, N, K, R, 4, dx_mode=dx_mode)
+    assert (tr.loaded_bytes, tr.stored_bytes) == (c["read"], c["write"])
+
+
+@pytest.mark.parametrize("M, P, Q", [(37, 3, 120), (64, 72, 16), (5, 17, 1)])
+def test_matmul_tn_declared_bytes(M, P, Q):
+    from pyfastpeft.triton_kernels import lora_linear as tk
+
+    p, q = torch.randn(M, P), torch.randn(M, Q)
+    with trace_memory() as tr:
+        c_out = tk.matmul_tn(p, q, 1.5)
+    torch.testing.assert_close(c_out, 1.5 * p.T @ q, rtol=1e-5, atol=1e-5)
+    c = tk.tn_cost(M, P, Q, 4)
+    assert (tr.loaded_bytes, tr.stored_bytes) == (c["read"], c["write"])
