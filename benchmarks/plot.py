@@ -1,0 +1,36 @@
+"""Plot ``pyfastpeft bench`` results: JSON or CSV in, PNG out (the same figure ``bench`` writes).
+
+    python benchmarks/plot.py benchmarks/results/cpu-amd-epyc-quick.json            # -> .png beside it
+    python benchmarks/plot.py results.csv -o out.png --mode fwd
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pyfastpeft import bench
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", help="a results .json or .csv written by `pyfastpeft bench`")
+    ap.add_argument("-o", "--out", default=None, help="PNG path (default: the input's name with .png)")
+    ap.add_argument("--mode", default="fwd+bwd", choices=list(bench.MODES), help="which timings to plot")
+    args = ap.parse_args(argv)
+    rows, meta = bench.load_rows(args.results)
+    if not rows:
+        print(f"{args.results}: no rows", file=sys.stderr)
+        return 1
+    out = Path(args.out) if args.out else Path(args.results).with_suffix(".png")
+    title = f"{bench.OP} on {meta.get('device_name', '?')} ({rows[0].get('dtype')}), {args.mode}"
+    why = bench.plot(rows, out, title=title, mode=args.mode)
+    if why is not None:
+        print(why, file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
