@@ -18,7 +18,15 @@ Maths (PEFT's LoRA, ``scale = alpha / r`` or ``alpha / sqrt(r)``), 2-D ``x (M, K
 Layouts: any strides (2-D views are fine). Accumulation is fp32; outputs are rounded once to the input
 dtype; ``u`` and ``g`` are rounded to the input dtype before their second GEMM (as PyTorch does).
 fp32 inputs use IEEE fp32 dots unless ``torch.backends.cuda.matmul.allow_tf32`` is set (then TF32, as
-PyTorch). Limits: ``R <= 128`` (``BLOCK_R`` holds the whole rank); dtypes fp32/fp16/bf16.
+PyTorch). With IEEE fp32 the rank-long epilogue products (``u Bᵀ`` in forward, ``g A`` in dx) are R rank-1
+updates instead of ``tl.dot`` (``_rank1_expand``): an FMA dot over K = BLOCK_R >= 64 spills at any tile size.
+Limits: ``R <= 128`` (``BLOCK_R`` holds the whole rank); dtypes fp32/fp16/bf16.
+
+Configs: each launcher picks a config *family* by dtype class (fp16/bf16 share one; fp32 has its own,
+small FMA tiles) and, for the two rank-carrying kernels, the rank bucket ``BLOCK_R <= 32 / 64 / 128``
+(``_FWD_FAMILIES``, ``_DX_FAMILIES``, ``_TN_FAMILIES``), and autotunes within it; one ``triton.autotune``
+wrapper per family over the same ``@triton.jit`` kernel. Every config of every family compiles with 0
+spilled bytes on sm_80 and sm_90a (``AOT_SPECS``, checked by ``pyfastpeft compile-report --fail-on-spill``).
 Interpreter: bf16 ``tl.dot`` is wrong in Triton's CPU interpreter, so bf16 operands are upcast to fp32
 there (``UPCAST``); the real bf16 path is covered by the ahead-of-time compile report.
 """
@@ -39,27 +47,45 @@ def _cfg(bm, bn, bk, warps, stages, names=("BLOCK_M", "BLOCK_N", "BLOCK_K")):
     return triton.Config({names[0]: bm, names[1]: bn, names[2]: bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the shipped GPU configs; the interpreter runs the smallest.
-_FWD_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3),
-    _cfg(128, 64, 64, 4, 4),
-    _cfg(64, 128, 64, 4, 4),
-    _cfg(64, 64, 64, 4, 3),
-]
-# For dx the output tile is (BLOCK_M, BLOCK_K) and the reduction runs over N in BLOCK_N chunks.
-_DX_CONFIGS = [
-    _cfg(128, 64, 128, 8, 3),
-    _cfg(128, 64, 64, 4, 4),
-    _cfg(64, 64, 128, 4, 4),
-    _cfg(64, 64, 64, 4, 3),
-]
-_TN_CONFIGS = [
-    triton.Config({"BLOCK_P": bp, "BLOCK_Q": bq, "BLOCK_M": bm}, num_warps=w, num_stages=s)
-    for bp, bq, bm, w, s in ((128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3), (128, 128, 32, 8, 3))
-]
+def _tn_cfg(bp, bq, bm, warps, stages):
+    return triton.Config({"BLOCK_P": bp, "BLOCK_Q": bq, "BLOCK_M": bm}, num_warps=warps, num_stages=stages)
+
+
+# Config families: a launch picks one by (dtype class, rank bucket) and autotunes within it. Tiles that
+# keep fp32 accumulators for (BLOCK_M, BLOCK_N) *and* (BLOCK_M, BLOCK_R) in registers spill once the
+# rank grows, and fp32 IEEE dots (FMA, no tensor cores) need far smaller tiles than 16-bit ones; each
+# family holds only configs that compile with 0 spilled bytes on sm_80 and sm_90a (the compile report).
+# Keys: ("16", rank bucket) for fp16/bf16, ("fp32", rank bucket); rank bucket = BLOCK_R upper bound.
+_RANK_BUCKETS = (32, 64, 128)
+# fwd: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); output tile (BLOCK_M, BLOCK_N), reduction over K.
+_FWD_FAMILIES = {
+    ("16", 32): [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 8, 3), _cfg(64, 64, 64, 4, 3)],
+    ("16", 64): [_cfg(128, 64, 64, 8, 3), _cfg(64, 64, 64, 4, 3)],
+    ("16", 128): [_cfg(64, 128, 64, 8, 3), _cfg(64, 64, 64, 4, 3), _cfg(64, 64, 32, 4, 3)],
+    ("fp32", 32): [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 8, 3), _cfg(32, 64, 32, 4, 3)],
+    ("fp32", 64): [_cfg(64, 128, 16, 8, 3), _cfg(64, 64, 32, 8, 3), _cfg(32, 64, 32, 4, 3)],
+    ("fp32", 128): [_cfg(128, 64, 16, 8, 3), _cfg(64, 64, 32, 8, 3), _cfg(32, 64, 32, 4, 2)],
+}
+# dx: the output tile is (BLOCK_M, BLOCK_K) and the reduction runs over N in BLOCK_N chunks.
+_DX_FAMILIES = {
+    ("16", 32): [_cfg(128, 64, 128, 8, 3), _cfg(128, 64, 64, 8, 3), _cfg(64, 64, 128, 4, 4), _cfg(64, 64, 64, 4, 3)],
+    ("16", 64): [_cfg(128, 64, 64, 8, 3), _cfg(128, 32, 128, 8, 3), _cfg(64, 64, 128, 4, 4), _cfg(64, 64, 64, 4, 3)],
+    ("16", 128): [_cfg(64, 64, 128, 8, 3), _cfg(64, 32, 128, 4, 3), _cfg(64, 32, 64, 4, 3)],
+    ("fp32", 32): [_cfg(128, 32, 64, 8, 3), _cfg(64, 32, 64, 8, 3), _cfg(64, 16, 128, 8, 3)],
+    ("fp32", 64): [_cfg(128, 16, 128, 8, 3), _cfg(64, 16, 128, 8, 3), _cfg(64, 16, 64, 4, 3), _cfg(32, 32, 64, 4, 3)],
+    ("fp32", 128): [_cfg(64, 16, 128, 8, 3), _cfg(64, 16, 64, 4, 3), _cfg(32, 32, 64, 4, 3)],
+}
+# matmul_tn has no rank block: one family per dtype class. (BLOCK_P, BLOCK_Q, BLOCK_M, warps, stages).
+_TN_FAMILIES = {
+    "16": [_tn_cfg(128, 64, 64, 4, 3), _tn_cfg(64, 128, 64, 4, 3), _tn_cfg(64, 64, 64, 4, 3),
+           _tn_cfg(128, 128, 32, 8, 3)],
+    "fp32": [_tn_cfg(128, 128, 16, 8, 3), _tn_cfg(128, 64, 32, 8, 3), _tn_cfg(64, 128, 32, 8, 3),
+             _tn_cfg(32, 64, 32, 4, 3)],
+}
+# The interpreter runs one small config per family (autotune_configs).
 _INTERP_FWD = _cfg(16, 32, 32, 1, 1)
 _INTERP_DX = _cfg(16, 32, 32, 1, 1)
-_INTERP_TN = triton.Config({"BLOCK_P": 16, "BLOCK_Q": 32, "BLOCK_M": 32}, num_warps=1, num_stages=1)
+_INTERP_TN = _tn_cfg(16, 32, 32, 1, 1)
 
 
 @triton.jit
@@ -71,6 +97,24 @@ def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % in_group) % size
     pid_n = (pid % in_group) // size
     return pid_m, pid_n
+
+
+@triton.jit
+def _rank1_expand(v, rr, row_ptrs, stride_row, col_ok, R, BLOCK_C: tl.constexpr):
+    """fp32 ``v (BLOCK_M, BLOCK_R) @ T[:R, cols]`` as R rank-1 updates, row r of T at ``row_ptrs + r·stride_row``.
+
+    IEEE fp32 ``tl.dot`` runs on FMA units and keeps both operands' whole reduction extent in registers
+    per thread: with the reduction over BLOCK_R >= 64 the epilogue dot spills at every tile size (compile
+    report). Rank-1 updates do the same FMAs with one column of ``v`` and one row of T live at a time;
+    extracting the column (a masked row sum) costs about as much as the expand, and the expand is small next
+    to the main loop (BLOCK_R vs the full K or N reduction).
+    """
+    out = tl.zeros((v.shape[0], BLOCK_C), dtype=tl.float32)
+    for r in range(0, R):
+        v_r = tl.sum(tl.where(rr[None, :] == r, v.to(tl.float32), 0.0), axis=1)
+        t_r = tl.load(row_ptrs + r * stride_row, mask=col_ok, other=0.0).to(tl.float32)
+        out += v_r[:, None] * t_r[None, :]
+    return out
 
 
 @triton.jit
@@ -109,12 +153,15 @@ def _lora_fwd_kernel(
         acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
         acc_u = tl.dot(xlt, at, acc_u, input_precision=PRECISION)
     u = acc_u.to(u_ptr.dtype.element_ty)  # rounded like PyTorch's u before the expand
-    bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,  # Bᵀ tile (BLOCK_R, BLOCK_N)
-                 mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-    if UPCAST:
-        acc += scale * tl.dot(u.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)
+    if PRECISION == "ieee":  # fp32 FMA dots: the expand as R rank-1 updates (see _rank1_expand)
+        acc += scale * _rank1_expand(u, rr, b_ptr + rn * stride_bn, stride_br, n_ok, R, BLOCK_N)
     else:
-        acc += scale * tl.dot(u, bt, input_precision=PRECISION)
+        bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,  # Bᵀ tile (BLOCK_R, BLOCK_N)
+                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            acc += scale * tl.dot(u.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)
+        else:
+            acc += scale * tl.dot(u, bt, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
@@ -165,12 +212,15 @@ def _lora_bwd_dx_kernel(
     if pid_k == 0:
         tl.store(g_ptr + rm[:, None] * stride_gm + rr[None, :] * stride_gr, g, mask=m_ok[:, None] & r_ok[None, :])
     if DX_MODE != 0:
-        at = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,  # A tile (BLOCK_R, BLOCK_K)
-                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:
-            lora = tl.dot(g.to(tl.float32), at.to(tl.float32), input_precision=PRECISION)
+        if PRECISION == "ieee":  # fp32 FMA dots: R rank-1 updates (see _rank1_expand)
+            lora = _rank1_expand(g, rr, a_ptr + rk * stride_ak, stride_ar, k_ok, R, BLOCK_K)
         else:
-            lora = tl.dot(g, at, input_precision=PRECISION)
+            at = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,  # A tile (BLOCK_R, BLOCK_K)
+                         mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                lora = tl.dot(g.to(tl.float32), at.to(tl.float32), input_precision=PRECISION)
+            else:
+                lora = tl.dot(g, at, input_precision=PRECISION)
         out_mask = m_ok[:, None] & k_ok[None, :]
         if DX_MODE == 1:
             acc += lora
@@ -205,6 +255,25 @@ def _matmul_tn_kernel(
         acc = tl.dot(pt, qt, acc, input_precision=PRECISION)
     tl.store(c_ptr + rp[:, None] * stride_cp + rq[None, :] * stride_cq, (acc * alpha).to(c_ptr.dtype.element_ty),
              mask=p_ok[:, None] & q_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------- autotuners
+# One autotuner per family over the same @triton.jit function (compiled binaries are shared per config).
+_FWD = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_FWD), key=["N", "K", "BLOCK_R", "M_BUCKET"])(
+    _lora_fwd_kernel) for fam, cfgs in _FWD_FAMILIES.items()}
+_DX = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_DX),
+                            key=["N", "K", "BLOCK_R", "M_BUCKET", "DX_MODE"])(_lora_bwd_dx_kernel)
+       for fam, cfgs in _DX_FAMILIES.items()}
+_TN = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_TN), key=["P", "Q", "M_BUCKET"])(_matmul_tn_kernel)
+       for fam, cfgs in _TN_FAMILIES.items()}
+
+
+def _dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16"
+
+
+def _family(dtype: torch.dtype, block_r: int) -> tuple[str, int]:
+    return _dtype_class(dtype), next(b for b in _RANK_BUCKETS if block_r <= b)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -253,14 +322,15 @@ def lora_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale: float):
     xl = x if x_lora is None else x_lora
     dummy = x  # never dereferenced when its HAS_* flag is off
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _lora_fwd_kernel[grid](
+    BR = _block_r(R)
+    _FWD[_family(x.dtype, BR)][grid](
         x, xl, weight, bias if bias is not None else dummy, lora_a, lora_b, y, u,
         M, N, K, R, triton.next_power_of_2(M), float(scale),
         x.stride(0), x.stride(1), xl.stride(0), xl.stride(1), weight.stride(0), weight.stride(1),
         lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
         y.stride(0), y.stride(1), u.stride(0), u.stride(1),
         HAS_XL=x_lora is not None, HAS_BIAS=bias is not None, UPCAST=_upcast(x.dtype),
-        PRECISION=_precision(x.dtype), BLOCK_R=_block_r(R),
+        PRECISION=_precision(x.dtype), BLOCK_R=BR,
     )
     return _finish(y, x.dtype), _finish(u, x.dtype)
 
@@ -274,7 +344,7 @@ def matmul_tn(p, q, alpha: float, out_dtype=None):
     if M == 0:
         return _finish(c.zero_(), dtype)
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(Q, meta["BLOCK_Q"]))  # noqa: E731
-    _matmul_tn_kernel[grid](
+    _TN[_dtype_class(p.dtype)][grid](
         p, q, c, M, P, Q, triton.next_power_of_2(M), float(alpha),
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), c.stride(0), c.stride(1),
         UPCAST=_upcast(p.dtype), PRECISION=_precision(p.dtype),
@@ -297,7 +367,8 @@ def bwd_dx(dy, weight, lora_a, lora_b, scale: float, dx_mode: int):
     elif M > 0:
         grid = lambda meta: (  # noqa: E731
             triton.cdiv(M, meta["BLOCK_M"]) * (triton.cdiv(K, meta["BLOCK_K"]) if dx_mode else 1),)
-        _lora_bwd_dx_kernel[grid](
+        BR = _block_r(R)
+        _DX[_family(dy.dtype, BR)][grid](
             dy, weight, lora_a, lora_b, dx if dx_mode else g, dxl if dx_mode == 2 else g, g,
             M, N, K, R, triton.next_power_of_2(M), float(scale),
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
@@ -306,7 +377,7 @@ def bwd_dx(dy, weight, lora_a, lora_b, scale: float, dx_mode: int):
             dxl.stride(0) if dx_mode == 2 else 0, dxl.stride(1) if dx_mode == 2 else 0,
             g.stride(0), g.stride(1),
             DX_MODE=int(dx_mode), UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype),
-            BLOCK_R=_block_r(R),
+            BLOCK_R=BR,
         )
     return _finish(dx, dy.dtype), _finish(dxl, dy.dtype), _finish(g, dy.dtype)
 
@@ -372,38 +443,16 @@ def _tn_spec(ty, prec, cfg):
 
 
 def _aot_specs() -> list[AOTSpec]:
-    """Every shipped bf16 config at r in {16, 64, 128}; fp16/fp32: the first config at r=16 (same code)."""
+    """Every config of every family, as launched: 16-bit families as bf16 (fp16: the r<=32 family only,
+    same code), fp32 families as fp32 with IEEE dots; the r<=32 bucket compiled at BLOCK_R=16."""
     specs = []
-    for dt, ty in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
-        prec = "ieee" if dt == torch.float32 else "tf32"
-        for BR in ((16, 64, 128) if ty == "bf16" else (16,)):
-            for cfg in (_FWD_CONFIGS if ty == "bf16" else _FWD_CONFIGS[:1]):
-                kw = cfg.kwargs
-                specs.append(_spec(
-                    f"lora_fwd/{ty}/r{BR}/{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}", _lora_fwd_kernel.fn,
-                    ["x_ptr", "xl_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "y_ptr", "u_ptr"],
-                    ["M", "N", "K", "R", "M_BUCKET"],
-                    ["stride_xm", "stride_xk", "stride_xlm", "stride_xlk", "stride_wn", "stride_wk", "stride_ar",
-                     "stride_ak", "stride_bn", "stride_br", "stride_ym", "stride_yn", "stride_um", "stride_ur"],
-                    ["stride_xk", "stride_xlk", "stride_wk", "stride_ak", "stride_br", "stride_yn", "stride_ur"],
-                    dict(HAS_XL=False, HAS_BIAS=True, UPCAST=False, PRECISION=prec, BLOCK_R=BR, **kw), cfg, ty))
-            for cfg in (_DX_CONFIGS if ty == "bf16" else _DX_CONFIGS[:1]):
-                kw = cfg.kwargs
-                specs.append(_spec(
-                    f"lora_bwd_dx/{ty}/r{BR}/{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}", _lora_bwd_dx_kernel.fn,
-                    ["dy_ptr", "w_ptr", "a_ptr", "b_ptr", "dx_ptr", "dxl_ptr", "g_ptr"],
-                    ["M", "N", "K", "R", "M_BUCKET"],
-                    ["stride_dym", "stride_dyn", "stride_wn", "stride_wk", "stride_ar", "stride_ak", "stride_bn",
-                     "stride_br", "stride_dxm", "stride_dxk", "stride_dxlm", "stride_dxlk", "stride_gm", "stride_gr"],
-                    ["stride_dyn", "stride_wk", "stride_ak", "stride_br", "stride_dxk", "stride_dxlk", "stride_gr"],
-                    dict(DX_MODE=1, UPCAST=False, PRECISION=prec, BLOCK_R=BR, **kw), cfg, ty))
-        for cfg in (_TN_CONFIGS if ty == "bf16" else _TN_CONFIGS[:1]):
-            kw = cfg.kwargs
-            specs.append(_spec(
-                f"matmul_tn/{ty}/{kw['BLOCK_P']}x{kw['BLOCK_Q']}x{kw['BLOCK_M']}", _matmul_tn_kernel.fn,
-                ["p_ptr", "q_ptr", "c_ptr"], ["M", "P", "Q", "M_BUCKET"],
-                ["stride_pm", "stride_pp", "stride_qm", "stride_qq", "stride_cp", "stride_cq"],
-                ["stride_pp", "stride_qq", "stride_cq"], dict(UPCAST=False, PRECISION=prec, **kw), cfg, ty))
+    for ty, cls, prec in (("bf16", "16", "tf32"), ("fp16", "16", "tf32"), ("fp32", "fp32", "ieee")):
+        buckets = _RANK_BUCKETS[:1] if ty == "fp16" else _RANK_BUCKETS
+        for bucket in buckets:
+            BR = 16 if bucket == 32 else bucket
+            specs += [_fwd_spec(ty, prec, BR, cfg) for cfg in _FWD_FAMILIES[cls, bucket]]
+            specs += [_dx_spec(ty, prec, BR, cfg) for cfg in _DX_FAMILIES[cls, bucket]]
+        specs += [_tn_spec(ty, prec, cfg) for cfg in _TN_FAMILIES[cls]]
     return specs
 
 
