@@ -3,16 +3,20 @@
 Maths (PEFT's LoRA, ``scale = alpha / r`` or ``alpha / sqrt(r)``), 2-D ``x (M, K)``, ``W (N, K)``,
 ``A (R, K)``, ``B (N, R)``:
 
-* forward, one kernel ``_lora_fwd_kernel``: each program owns a ``(BLOCK_M, BLOCK_N)`` tile of ``y``.
-  Its K loop loads each ``x`` tile once and feeds two dots: the base GEMM ``x Wᵀ`` and the shrink
-  ``u = x Aᵀ`` (``BLOCK_M x BLOCK_R``). The expand ``scale · u Bᵀ`` and the bias are the epilogue, so ``y``
-  is written once and never re-read. Programs with ``pid_n == 0`` store ``u`` (saved for backward). The
-  shrink is recomputed by every N tile: ``R / BLOCK_N`` extra tensor-core FLOPs (12.5 % at r=16,
-  BLOCK_N=128) instead of a second pass over ``x``. With dropout the shrink reads ``x_lora`` instead.
+* forward, one kernel ``_lora_fwd_kernel``: each program owns ``TILES_PER_PROG`` consecutive
+  ``(BLOCK_M, BLOCK_N)`` tiles of ``y`` in one row block. For its first tile the K loop loads each ``x``
+  tile once and feeds two dots: the base GEMM ``x Wᵀ`` and the shrink ``u = x Aᵀ`` (``BLOCK_M x BLOCK_R``);
+  the other tiles reuse ``u`` from registers. The expand ``scale · u Bᵀ`` and the bias are each tile's
+  epilogue, so ``y`` is written once and never re-read. Programs of the first group store ``u`` (saved for
+  backward). The shrink is recomputed once per group instead of a second pass over ``x``:
+  ``R / (BLOCK_N · TILES_PER_PROG)`` extra tensor-core FLOPs (3.1 % at r=16, K=N=4096, M=8192 on an H100,
+  where the launcher picks 4 tiles per program; ``tiles_per_prog`` keeps >= 2 programs per SM).
+  With dropout the shrink reads ``x_lora`` instead.
 * backward, ``_lora_bwd_dx_kernel``: ``dx = dy W + g A`` with ``g = scale · dy B``, one GEMM over the
   concatenated reduction ``[dy | g] @ [W ; A]``: the N loop loads each ``dy`` tile once for both
   ``dy W`` and ``dy B``; ``g`` is complete when the loop ends and its ``R``-long tail is the epilogue.
-  Programs with ``pid_k == 0`` store ``g`` for the weight gradients.
+  As in forward, a program owns ``TILES_PER_PROG`` K tiles and computes ``g`` for the first only;
+  programs of the first group store ``g`` for the weight gradients.
 * ``_matmul_tn_kernel``: ``C = alpha · Pᵀ Q`` reduced over M, for ``dA = gᵀ x_lora`` and ``dB = scale · dyᵀ u``.
 
 Layouts: any strides (2-D views are fine). Accumulation is fp32; outputs are rounded once to the input
@@ -32,12 +36,18 @@ there (``UPCAST``); the real bf16 path is covered by the ahead-of-time compile r
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from pyfastpeft._alloc import empty_out
 from pyfastpeft.triton_kernels._config import AOTSpec, autotune_configs, interpreting
+# Declared FLOPs / unique HBM bytes per launch live in a Triton-free module (pfp.perf reads them without
+# importing Triton); tests/ops/test_lora_linear_cost.py checks them against the interpreter's loads/stores.
+from pyfastpeft.triton_kernels._lora_linear_cost import (  # noqa: F401  (re-exported)
+    bwd_dx_cost, fwd_cost, tiles_per_prog, tn_cost)
 
 MAX_RANK = 128
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -59,21 +69,21 @@ def _tn_cfg(bp, bq, bm, warps, stages):
 _RANK_BUCKETS = (32, 64, 128)
 # fwd: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); output tile (BLOCK_M, BLOCK_N), reduction over K.
 _FWD_FAMILIES = {
-    ("16", 32): [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 8, 3), _cfg(64, 64, 64, 4, 3)],
+    ("16", 32): [_cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 8, 3), _cfg(64, 64, 64, 4, 3)],
     ("16", 64): [_cfg(128, 64, 64, 8, 3), _cfg(64, 64, 64, 4, 3)],
-    ("16", 128): [_cfg(64, 128, 64, 8, 3), _cfg(64, 64, 64, 4, 3), _cfg(64, 64, 32, 4, 3)],
-    ("fp32", 32): [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 8, 3), _cfg(32, 64, 32, 4, 3)],
+    ("16", 128): [_cfg(64, 128, 64, 8, 3), _cfg(64, 64, 32, 4, 3)],
+    ("fp32", 32): [_cfg(64, 64, 32, 8, 3), _cfg(32, 64, 32, 4, 3)],
     ("fp32", 64): [_cfg(64, 128, 16, 8, 3), _cfg(64, 64, 32, 8, 3), _cfg(32, 64, 32, 4, 3)],
-    ("fp32", 128): [_cfg(128, 64, 16, 8, 3), _cfg(64, 64, 32, 8, 3), _cfg(32, 64, 32, 4, 2)],
+    ("fp32", 128): [_cfg(128, 64, 16, 8, 3), _cfg(64, 64, 32, 8, 3)],
 }
 # dx: the output tile is (BLOCK_M, BLOCK_K) and the reduction runs over N in BLOCK_N chunks.
 _DX_FAMILIES = {
-    ("16", 32): [_cfg(128, 64, 128, 8, 3), _cfg(128, 64, 64, 8, 3), _cfg(64, 64, 128, 4, 4), _cfg(64, 64, 64, 4, 3)],
-    ("16", 64): [_cfg(128, 64, 64, 8, 3), _cfg(128, 32, 128, 8, 3), _cfg(64, 64, 128, 4, 4), _cfg(64, 64, 64, 4, 3)],
-    ("16", 128): [_cfg(64, 64, 128, 8, 3), _cfg(64, 32, 128, 4, 3), _cfg(64, 32, 64, 4, 3)],
-    ("fp32", 32): [_cfg(128, 32, 64, 8, 3), _cfg(64, 32, 64, 8, 3), _cfg(64, 16, 128, 8, 3)],
-    ("fp32", 64): [_cfg(128, 16, 128, 8, 3), _cfg(64, 16, 128, 8, 3), _cfg(64, 16, 64, 4, 3), _cfg(32, 32, 64, 4, 3)],
-    ("fp32", 128): [_cfg(64, 16, 128, 8, 3), _cfg(64, 16, 64, 4, 3), _cfg(32, 32, 64, 4, 3)],
+    ("16", 32): [_cfg(128, 64, 128, 8, 2), _cfg(128, 64, 64, 8, 3), _cfg(64, 64, 128, 8, 3), _cfg(64, 64, 64, 4, 3)],
+    ("16", 64): [_cfg(128, 64, 64, 8, 3), _cfg(64, 64, 64, 8, 3), _cfg(64, 32, 128, 4, 3)],
+    ("16", 128): [_cfg(64, 64, 128, 8, 3), _cfg(32, 64, 128, 4, 3)],
+    ("fp32", 32): [_cfg(64, 16, 128, 8, 3), _cfg(32, 16, 128, 4, 3), _cfg(32, 16, 64, 4, 3)],
+    ("fp32", 64): [_cfg(64, 16, 128, 8, 3), _cfg(32, 16, 128, 4, 3), _cfg(32, 16, 64, 4, 3)],
+    ("fp32", 128): [_cfg(32, 16, 128, 4, 3), _cfg(32, 16, 64, 4, 3), _cfg(16, 32, 64, 4, 3)],
 }
 # matmul_tn has no rank block: one family per dtype class. (BLOCK_P, BLOCK_Q, BLOCK_M, warps, stages).
 _TN_FAMILIES = {
@@ -118,20 +128,13 @@ def _rank1_expand(v, rr, row_ptrs, stride_row, col_ok, R, BLOCK_C: tl.constexpr)
 
 
 @triton.jit
-def _lora_fwd_kernel(
-    x_ptr, xl_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr,
-    M, N, K, R, M_BUCKET, scale,
-    stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk,
-    stride_ar, stride_ak, stride_bn, stride_br, stride_ym, stride_yn, stride_um, stride_ur,
-    HAS_XL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+def _fwd_mainloop(
+    x_ptr, xl_ptr, w_ptr, a_ptr, rm, rn, rr, m_ok, n_ok, r_ok, K,
+    stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk, stride_ar, stride_ak,
+    SHRINK: tl.constexpr, HAS_XL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * stride can pass 2**31
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rr = tl.arange(0, BLOCK_R)
-    m_ok, n_ok, r_ok = rm < M, rn < N, rr < R
+    """K loop of one y tile: ``x Wᵀ`` and, with SHRINK, ``u = x_lora Aᵀ`` from the same x tiles."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -141,18 +144,32 @@ def _lora_fwd_kernel(
                      mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk,  # Wᵀ tile (BLOCK_K, BLOCK_N)
                      mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        at = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak,  # Aᵀ tile (BLOCK_K, BLOCK_R)
-                     mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        if HAS_XL:  # dropout: the shrink reads the dropped-out copy of x
-            xlt = tl.load(xl_ptr + rm[:, None] * stride_xlm + rk[None, :] * stride_xlk,
-                          mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        else:  # the shrink shares the base GEMM's x tile: no second read of x
-            xlt = xt
         if UPCAST:
-            xt, wt, at, xlt = xt.to(tl.float32), wt.to(tl.float32), at.to(tl.float32), xlt.to(tl.float32)
-        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-        acc_u = tl.dot(xlt, at, acc_u, input_precision=PRECISION)
-    u = acc_u.to(u_ptr.dtype.element_ty)  # rounded like PyTorch's u before the expand
+            acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        if SHRINK:
+            at = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak,  # Aᵀ tile (BLOCK_K, BLOCK_R)
+                         mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            if HAS_XL:  # dropout: the shrink reads the dropped-out copy of x
+                xlt = tl.load(xl_ptr + rm[:, None] * stride_xlm + rk[None, :] * stride_xlk,
+                              mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            else:  # the shrink shares the base GEMM's x tile: no second read of x
+                xlt = xt
+            if UPCAST:
+                acc_u = tl.dot(xlt.to(tl.float32), at.to(tl.float32), acc_u, input_precision=PRECISION)
+            else:
+                acc_u = tl.dot(xlt, at, acc_u, input_precision=PRECISION)
+    return acc, acc_u
+
+
+@triton.jit
+def _fwd_epilogue(
+    acc, u, rm, rn, rr, m_ok, n_ok, r_ok, R, scale, b_ptr, bias_ptr, y_ptr,
+    stride_bn, stride_br, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """y tile = acc + scale · u Bᵀ + bias, rounded once and stored."""
     if PRECISION == "ieee":  # fp32 FMA dots: the expand as R rank-1 updates (see _rank1_expand)
         acc += scale * _rank1_expand(u, rr, b_ptr + rn * stride_bn, stride_br, n_ok, R, BLOCK_N)
     else:
@@ -166,30 +183,54 @@ def _lora_fwd_kernel(
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
-    if pid_n == 0:
-        tl.store(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur, u, mask=m_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
-def _lora_bwd_dx_kernel(
-    dy_ptr, w_ptr, a_ptr, b_ptr, dx_ptr, dxl_ptr, g_ptr,
-    M, N, K, R, M_BUCKET, scale,
-    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-    stride_dxm, stride_dxk, stride_dxlm, stride_dxlk, stride_gm, stride_gr,
-    DX_MODE: tl.constexpr,  # 0: only g; 1: dx = dy W + g A; 2: dx = dy W and dx_lora = g A apart
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+def _lora_fwd_kernel(
+    x_ptr, xl_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr,
+    M, N, K, R, M_BUCKET, TILES_PER_PROG, scale,
+    stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk,
+    stride_ar, stride_ak, stride_bn, stride_br, stride_ym, stride_yn, stride_um, stride_ur,
+    HAS_XL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    if DX_MODE != 0:
-        num_k = tl.cdiv(K, BLOCK_K)
-    else:
-        num_k = 1
-    pid_m, pid_k = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_k, GROUP_M)
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rk = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    # Each program owns TILES_PER_PROG consecutive N tiles of one row block: the first computes the
+    # shrink u with its base GEMM, the others reuse u from registers (shrink FLOPs / TILES_PER_PROG).
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_g = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(num_n, TILES_PER_PROG), GROUP_M)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * stride can pass 2**31
     rr = tl.arange(0, BLOCK_R)
-    m_ok, k_ok, r_ok = rm < M, rk < K, rr < R
+    m_ok, r_ok = rm < M, rr < R
+    first = pid_g * TILES_PER_PROG
+    rn = (first * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    n_ok = rn < N
+    acc, acc_u = _fwd_mainloop(x_ptr, xl_ptr, w_ptr, a_ptr, rm, rn, rr, m_ok, n_ok, r_ok, K,
+                               stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk, stride_ar,
+                               stride_ak, True, HAS_XL, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+    u = acc_u.to(u_ptr.dtype.element_ty)  # rounded like PyTorch's u before the expand
+    if pid_g == 0:
+        tl.store(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur, u, mask=m_ok[:, None] & r_ok[None, :])
+    _fwd_epilogue(acc, u, rm, rn, rr, m_ok, n_ok, r_ok, R, scale, b_ptr, bias_ptr, y_ptr,
+                  stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, UPCAST, PRECISION, BLOCK_N)
+    for t in range(first + 1, tl.minimum(first + TILES_PER_PROG, num_n)):
+        rn = (t * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        n_ok = rn < N
+        acc, _ = _fwd_mainloop(x_ptr, xl_ptr, w_ptr, a_ptr, rm, rn, rr, m_ok, n_ok, r_ok, K,
+                               stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk, stride_ar,
+                               stride_ak, False, HAS_XL, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+        _fwd_epilogue(acc, u, rm, rn, rr, m_ok, n_ok, r_ok, R, scale, b_ptr, bias_ptr, y_ptr,
+                      stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, UPCAST, PRECISION, BLOCK_N)
+
+
+@triton.jit
+def _dx_mainloop(
+    dy_ptr, w_ptr, b_ptr, rm, rk, rr, m_ok, k_ok, r_ok, N,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br,
+    BASE: tl.constexpr, SHRINK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """N loop of one dx tile: ``dy W`` (BASE) and ``dy B`` (SHRINK) from the same dy tiles."""
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -197,38 +238,92 @@ def _lora_bwd_dx_kernel(
         n_ok = rn < N
         dyt = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
                       mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        bt = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,  # B tile (BLOCK_N, BLOCK_R)
-                     mask=n_ok[:, None] & r_ok[None, :], other=0.0)
         if UPCAST:
-            dyt, bt = dyt.to(tl.float32), bt.to(tl.float32)
-        acc_g = tl.dot(dyt, bt, acc_g, input_precision=PRECISION)
-        if DX_MODE != 0:
+            dyt = dyt.to(tl.float32)
+        if SHRINK:
+            bt = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,  # B tile (BLOCK_N, BLOCK_R)
+                         mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            if UPCAST:
+                bt = bt.to(tl.float32)
+            acc_g = tl.dot(dyt, bt, acc_g, input_precision=PRECISION)
+        if BASE:
             wt = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,  # W tile (BLOCK_N, BLOCK_K)
                          mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             if UPCAST:
                 wt = wt.to(tl.float32)
             acc = tl.dot(dyt, wt, acc, input_precision=PRECISION)
+    return acc, acc_g
+
+
+@triton.jit
+def _dx_epilogue(
+    acc, g, rm, rk, rr, m_ok, k_ok, r_ok, R, a_ptr, dx_ptr, dxl_ptr,
+    stride_ar, stride_ak, stride_dxm, stride_dxk, stride_dxlm, stride_dxlk,
+    DX_MODE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx tile = acc + g A (mode 1), or acc and g A stored apart (mode 2)."""
+    if PRECISION == "ieee":  # fp32 FMA dots: R rank-1 updates (see _rank1_expand)
+        lora = _rank1_expand(g, rr, a_ptr + rk * stride_ak, stride_ar, k_ok, R, BLOCK_K)
+    else:
+        at = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,  # A tile (BLOCK_R, BLOCK_K)
+                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            lora = tl.dot(g.to(tl.float32), at.to(tl.float32), input_precision=PRECISION)
+        else:
+            lora = tl.dot(g, at, input_precision=PRECISION)
+    out_mask = m_ok[:, None] & k_ok[None, :]
+    if DX_MODE == 1:
+        acc += lora
+    else:
+        tl.store(dxl_ptr + rm[:, None] * stride_dxlm + rk[None, :] * stride_dxlk,
+                 lora.to(dxl_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
+             mask=out_mask)
+
+
+@triton.jit
+def _lora_bwd_dx_kernel(
+    dy_ptr, w_ptr, a_ptr, b_ptr, dx_ptr, dxl_ptr, g_ptr,
+    M, N, K, R, M_BUCKET, TILES_PER_PROG, scale,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_dxm, stride_dxk, stride_dxlm, stride_dxlk, stride_gm, stride_gr,
+    DX_MODE: tl.constexpr,  # 0: only g; 1: dx = dy W + g A; 2: dx = dy W and dx_lora = g A apart
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Each program owns TILES_PER_PROG consecutive K tiles of one row block: the first also computes
+    # g = scale · dy B in its N loop, the others reuse g from registers (mode 0: g only, one "tile").
+    if DX_MODE != 0:
+        num_k = tl.cdiv(K, BLOCK_K)
+        num_groups = tl.cdiv(num_k, TILES_PER_PROG)
+    else:
+        num_k = 1
+        num_groups = 1
+    pid_m, pid_g = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_groups, GROUP_M)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok, r_ok = rm < M, rr < R
+    first = pid_g * TILES_PER_PROG
+    rk = (first * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    k_ok = rk < K
+    acc, acc_g = _dx_mainloop(dy_ptr, w_ptr, b_ptr, rm, rk, rr, m_ok, k_ok, r_ok, N,
+                              stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br,
+                              DX_MODE != 0, True, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
     g = (acc_g * scale).to(g_ptr.dtype.element_ty)
-    if pid_k == 0:
+    if pid_g == 0:
         tl.store(g_ptr + rm[:, None] * stride_gm + rr[None, :] * stride_gr, g, mask=m_ok[:, None] & r_ok[None, :])
     if DX_MODE != 0:
-        if PRECISION == "ieee":  # fp32 FMA dots: R rank-1 updates (see _rank1_expand)
-            lora = _rank1_expand(g, rr, a_ptr + rk * stride_ak, stride_ar, k_ok, R, BLOCK_K)
-        else:
-            at = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,  # A tile (BLOCK_R, BLOCK_K)
-                         mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:
-                lora = tl.dot(g.to(tl.float32), at.to(tl.float32), input_precision=PRECISION)
-            else:
-                lora = tl.dot(g, at, input_precision=PRECISION)
-        out_mask = m_ok[:, None] & k_ok[None, :]
-        if DX_MODE == 1:
-            acc += lora
-        else:
-            tl.store(dxl_ptr + rm[:, None] * stride_dxlm + rk[None, :] * stride_dxlk,
-                     lora.to(dxl_ptr.dtype.element_ty), mask=out_mask)
-        tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
-                 mask=out_mask)
+        _dx_epilogue(acc, g, rm, rk, rr, m_ok, k_ok, r_ok, R, a_ptr, dx_ptr, dxl_ptr, stride_ar, stride_ak,
+                     stride_dxm, stride_dxk, stride_dxlm, stride_dxlk, DX_MODE, UPCAST, PRECISION, BLOCK_K)
+        for t in range(first + 1, tl.minimum(first + TILES_PER_PROG, num_k)):
+            rk = (t * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+            k_ok = rk < K
+            acc, _ = _dx_mainloop(dy_ptr, w_ptr, b_ptr, rm, rk, rr, m_ok, k_ok, r_ok, N,
+                                  stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br,
+                                  True, False, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+            _dx_epilogue(acc, g, rm, rk, rr, m_ok, k_ok, r_ok, R, a_ptr, dx_ptr, dxl_ptr, stride_ar, stride_ak,
+                         stride_dxm, stride_dxk, stride_dxlm, stride_dxlk, DX_MODE, UPCAST, PRECISION, BLOCK_K)
 
 
 @triton.jit
@@ -301,6 +396,20 @@ def _finish(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: one "SM", so small test shapes still group tiles
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _tiles_per_prog(M: int, n_cols: int, block_m: int, block_n: int, device: torch.device) -> int:
+    """How many output tiles along N (fwd) or K (dx) one program takes; see ``tiles_per_prog``."""
+    if interpreting():
+        return 2  # exercise both the shared-shrink loop and a partial last group at test shapes
+    return tiles_per_prog(M, n_cols, block_m, block_n, _sm_count(device))
+
+
 def supports(dtype: torch.dtype, R: int) -> str | None:
     """None when these kernels take the call, else why not (the registry's ``supports``)."""
     if dtype not in _DTYPES:
@@ -321,11 +430,15 @@ def lora_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale: float):
         return _finish(y, x.dtype), _finish(u, x.dtype)
     xl = x if x_lora is None else x_lora
     dummy = x  # never dereferenced when its HAS_* flag is off
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     BR = _block_r(R)
-    _FWD[_family(x.dtype, BR)][grid](
+    fam = _family(x.dtype, BR)
+    first = _FWD_FAMILIES[fam][0].kwargs
+    tpp = _tiles_per_prog(M, N, first["BLOCK_M"], first["BLOCK_N"], x.device)
+    grid = lambda meta: (  # noqa: E731
+        triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(triton.cdiv(N, meta["BLOCK_N"]), tpp),)
+    _FWD[fam][grid](
         x, xl, weight, bias if bias is not None else dummy, lora_a, lora_b, y, u,
-        M, N, K, R, triton.next_power_of_2(M), float(scale),
+        M, N, K, R, triton.next_power_of_2(M), tpp, float(scale),
         x.stride(0), x.stride(1), xl.stride(0), xl.stride(1), weight.stride(0), weight.stride(1),
         lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
         y.stride(0), y.stride(1), u.stride(0), u.stride(1),
@@ -365,12 +478,15 @@ def bwd_dx(dy, weight, lora_a, lora_b, scale: float, dx_mode: int):
         for t in (g, dx, dxl):
             t.zero_()
     elif M > 0:
-        grid = lambda meta: (  # noqa: E731
-            triton.cdiv(M, meta["BLOCK_M"]) * (triton.cdiv(K, meta["BLOCK_K"]) if dx_mode else 1),)
         BR = _block_r(R)
-        _DX[_family(dy.dtype, BR)][grid](
+        fam = _family(dy.dtype, BR)
+        first = _DX_FAMILIES[fam][0].kwargs
+        tpp = _tiles_per_prog(M, K, first["BLOCK_M"], first["BLOCK_K"], dy.device) if dx_mode else 1
+        grid = lambda meta: (  # noqa: E731
+            triton.cdiv(M, meta["BLOCK_M"]) * (triton.cdiv(triton.cdiv(K, meta["BLOCK_K"]), tpp) if dx_mode else 1),)
+        _DX[fam][grid](
             dy, weight, lora_a, lora_b, dx if dx_mode else g, dxl if dx_mode == 2 else g, g,
-            M, N, K, R, triton.next_power_of_2(M), float(scale),
+            M, N, K, R, triton.next_power_of_2(M), tpp, float(scale),
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
             lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
             dx.stride(0) if dx_mode else 0, dx.stride(1) if dx_mode else 0,
@@ -390,12 +506,6 @@ def lora_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale: float, dx_mode: int):
     return dx, dxl, da, db
 
 
-# ----------------------------------------------------------------------------------------------- cost model
-# Declared FLOPs / unique HBM bytes per launch live in a Triton-free module (pfp.perf reads them without
-# importing Triton); tests/ops/test_lora_linear_cost.py checks them against the interpreter's loads/stores.
-from pyfastpeft.triton_kernels._lora_linear_cost import bwd_dx_cost, fwd_cost, tn_cost  # noqa: E402,F401
-
-
 # ----------------------------------------------------------------------------------------------- AOT specs
 def _spec(name, kernel, ptrs, ints, strides, unit, cx, cfg, ty):
     """One AOTSpec as a real launch on contiguous tensors specialises it: unit strides become the
@@ -405,7 +515,7 @@ def _spec(name, kernel, ptrs, ints, strides, unit, cx, cfg, ty):
     sig["scale" if "scale" in kernel.arg_names else "alpha"] = "fp32"
     sig.update({n: "constexpr" for n in cx})
     consts = dict(cx, **{n: 1 for n in unit})
-    div16 = [n for n in ints + strides if n not in unit and n not in ("M", "R", "P")]
+    div16 = [n for n in ints + strides if n not in unit and n not in ("M", "R", "P", "TILES_PER_PROG")]
     return AOTSpec(name, kernel, sig, consts, cfg.num_warps, cfg.num_stages, meta={"divisible_by_16": div16})
 
 
@@ -414,7 +524,7 @@ def _fwd_spec(ty, prec, BR, cfg):
     return _spec(
         f"lora_fwd/{ty}/r{BR}/{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}", _lora_fwd_kernel,
         ["x_ptr", "xl_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "y_ptr", "u_ptr"],
-        ["M", "N", "K", "R", "M_BUCKET"],
+        ["M", "N", "K", "R", "M_BUCKET", "TILES_PER_PROG"],
         ["stride_xm", "stride_xk", "stride_xlm", "stride_xlk", "stride_wn", "stride_wk", "stride_ar",
          "stride_ak", "stride_bn", "stride_br", "stride_ym", "stride_yn", "stride_um", "stride_ur"],
         ["stride_xk", "stride_xlk", "stride_wk", "stride_ak", "stride_br", "stride_yn", "stride_ur"],
@@ -426,7 +536,7 @@ def _dx_spec(ty, prec, BR, cfg):
     return _spec(
         f"lora_bwd_dx/{ty}/r{BR}/{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}", _lora_bwd_dx_kernel,
         ["dy_ptr", "w_ptr", "a_ptr", "b_ptr", "dx_ptr", "dxl_ptr", "g_ptr"],
-        ["M", "N", "K", "R", "M_BUCKET"],
+        ["M", "N", "K", "R", "M_BUCKET", "TILES_PER_PROG"],
         ["stride_dym", "stride_dyn", "stride_wn", "stride_wk", "stride_ar", "stride_ak", "stride_bn",
          "stride_br", "stride_dxm", "stride_dxk", "stride_dxlm", "stride_dxlk", "stride_gm", "stride_gr"],
         ["stride_dyn", "stride_wk", "stride_ak", "stride_br", "stride_dxk", "stride_dxlk", "stride_gr"],
@@ -444,14 +554,14 @@ def _tn_spec(ty, prec, cfg):
 
 def _aot_specs() -> list[AOTSpec]:
     """Every config of every family, as launched: 16-bit families as bf16 (fp16: the r<=32 family only,
-    same code), fp32 families as fp32 with IEEE dots; the r<=32 bucket compiled at BLOCK_R=16."""
+    same code), fp32 families as fp32 with IEEE dots; the r<=32 bucket at both BLOCK_R=16 and 32."""
     specs = []
     for ty, cls, prec in (("bf16", "16", "tf32"), ("fp16", "16", "tf32"), ("fp32", "fp32", "ieee")):
         buckets = _RANK_BUCKETS[:1] if ty == "fp16" else _RANK_BUCKETS
         for bucket in buckets:
-            BR = 16 if bucket == 32 else bucket
-            specs += [_fwd_spec(ty, prec, BR, cfg) for cfg in _FWD_FAMILIES[cls, bucket]]
-            specs += [_dx_spec(ty, prec, BR, cfg) for cfg in _DX_FAMILIES[cls, bucket]]
+            for BR in ((16, 32) if bucket == 32 else (bucket,)):
+                specs += [_fwd_spec(ty, prec, BR, cfg) for cfg in _FWD_FAMILIES[cls, bucket]]
+                specs += [_dx_spec(ty, prec, BR, cfg) for cfg in _DX_FAMILIES[cls, bucket]]
         specs += [_tn_spec(ty, prec, cfg) for cfg in _TN_FAMILIES[cls]]
     return specs
 
