@@ -56,3 +56,19 @@ def test_matmul_tn_declared_bytes(M, P, Q):
     torch.testing.assert_close(c_out, 1.5 * p.T @ q, rtol=1e-5, atol=1e-5)
     c = tk.tn_cost(M, P, Q, 4)
     assert (tr.loaded_bytes, tr.stored_bytes) == (c["read"], c["write"])
+
+
+def test_tiles_per_prog_policy():
+    from pyfastpeft.triton_kernels._lora_linear_cost import fwd_cost, tiles_per_prog
+
+    # Llama-3-8B projection on an H100: 64 row blocks x 32 column tiles; 4 tiles per program keeps
+    # 512 programs (>= 2 per SM) and cuts the recomputed shrink from 32x to 8x per row block.
+    assert tiles_per_prog(8192, 4096, 128, 128, sms=132) == 4
+    assert tiles_per_prog(64, 4096, 128, 128, sms=132) == 1  # few rows: every tile its own program
+    assert tiles_per_prog(10 ** 6, 4096, 128, 128, sms=132) == 8  # capped
+    c1 = fwd_cost(8192, 4096, 4096, 16, 2, has_bias=False, has_xl=False, tiles=1)
+    c4 = fwd_cost(8192, 4096, 4096, 16, 2, has_bias=False, has_xl=False)
+    base = 2 * 8192 * 4096 * 4096
+    assert (c1["flops"] - base) / base == pytest.approx(16 / 128 + 16 / 4096)
+    assert (c4["flops"] - base) / base == pytest.approx(16 / 512 + 16 / 4096)
+    assert c1["read"] == c4["read"] and c1["write"] == c4["write"]
