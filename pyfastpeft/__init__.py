@@ -74,7 +74,7 @@ def backend_info() -> dict:
     ops = {}
     for name, reg in sorted(REGISTRIES.items()):
         rows = {}
-        for b in ORDER:
+        for b in reg.order:  # in the op's auto preference order
             impl = reg._impls.get(b)
             if impl is None:
                 rows[b] = "not implemented"

@@ -6,8 +6,8 @@ Selection order for one call (first that applies wins):
 2. the :func:`use_backend` context manager (a contextvar);
 3. ``PYFASTPEFT_BACKEND``: one name for every op (``triton``) or a per-op table
    (``lora_linear=torch,cayley=triton``; a key is a public op or a primitive such as ``lora_linear_bwd``);
-4. auto: ``cuda`` then ``triton`` then ``torch``, the first that is installed, runs on the tensors'
-   device and accepts the arguments.
+4. auto: the op's preference order (``cuda``, ``triton``, ``torch`` unless the op says otherwise, with
+   its reason), the first that is installed, runs on the tensors' device and accepts the arguments.
 
 A *forced* backend (1-3) that cannot run raises :class:`BackendUnavailable` with its reason; it never
 falls back. In auto mode each fallback is logged once at INFO per (op, backend, reason), and
@@ -131,9 +131,12 @@ class Decision:
 class OpRegistry:
     """Backends of one primitive op (``<op>_fwd`` / ``<op>_bwd``)."""
 
-    def __init__(self, op: str, public: Optional[str] = None):
+    def __init__(self, op: str, public: Optional[str] = None, order: tuple[str, ...] = ORDER):
+        if sorted(order) != sorted(ORDER):
+            raise ValueError(f"{op}: order must be a permutation of {ORDER}, got {order}")
         self.op = op
         self.public = public or op.rsplit("_", 1)[0]
+        self.order = tuple(order)
         self._impls: dict[str, Backend] = {}
         self._logged: set[tuple[str, str, str]] = set()
         REGISTRIES[op] = self
@@ -144,7 +147,7 @@ class OpRegistry:
         self._impls[backend.name] = backend
 
     def names(self) -> tuple[str, ...]:
-        return tuple(n for n in ORDER if n in self._impls)
+        return tuple(n for n in self.order if n in self._impls)
 
     def _verdict(self, name: str, device: torch.device, args, kwargs) -> tuple[str, Optional[str]]:
         """('ok' | 'absent' | 'n/a' | 'unsupported', reason)."""
@@ -163,7 +166,7 @@ class OpRegistry:
     def explain(self, device: torch.device, *args, backend: Optional[str] = None, **kwargs) -> Decision:
         forced = _check_name(backend, self.op) or _ctx_backend.get() or _env_choice(self.op, self.public)
         dec = Decision(self.op, forced, None)
-        for name in (forced,) if forced else ORDER:
+        for name in (forced,) if forced else self.order:
             status, why = self._verdict(name, device, args, kwargs)
             if status == "ok" and dec.chosen is None:
                 dec.chosen = name
@@ -175,7 +178,7 @@ class OpRegistry:
     def select(self, device: torch.device, *args, backend: Optional[str] = None, **kwargs) -> Backend:
         forced = _check_name(backend, self.op) or _ctx_backend.get() or _env_choice(self.op, self.public)
         reasons: dict[str, str] = {}
-        for name in (forced,) if forced else ORDER:
+        for name in (forced,) if forced else self.order:
             status, why = self._verdict(name, device, args, kwargs)
             if status == "ok":
                 self._log_fallbacks(name, reasons)

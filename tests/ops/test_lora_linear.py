@@ -190,3 +190,12 @@ def test_import_without_triton_and_without_extension():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ok (3, 4)" in out.stdout
+
+
+def test_lora_prefers_the_fused_triton_path():
+    from pyfastpeft.ops.lora_linear import BWD, FWD
+
+    assert FWD.order == BWD.order == ("triton", "cuda", "torch")
+    assert list(pfp.backend_info()["ops"]["lora_linear_fwd"]) == ["triton", "cuda", "torch"]
+    with pytest.raises(ValueError, match="permutation"):
+        pfp._backend.OpRegistry("bogus_fwd", order=("torch",))
