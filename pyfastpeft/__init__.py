@@ -16,15 +16,16 @@ import torch as _torch
 
 from pyfastpeft import _ext
 from pyfastpeft._backend import ORDER, REGISTRIES, BackendUnavailable, Decision, last_backend, use_backend
-from pyfastpeft.functional import lora_linear
+from pyfastpeft.functional import gated_lora_linear, lora_linear
+from pyfastpeft.ops import gated_lora_linear as _gated_ops
 from pyfastpeft.ops import lora_linear as _lora_ops
 from pyfastpeft import nn
 
 # public op name -> function mapping public args to (registry, device, primitive args, backend)
-_EXPLAIN = {"lora_linear": _lora_ops.explain_args}
+_EXPLAIN = {"lora_linear": _lora_ops.explain_args, "gated_lora_linear": _gated_ops.explain_args}
 
 __all__ = [
-    "__version__", "lora_linear", "nn", "perf", "backend_info", "format_backend_info", "explain",
+    "__version__", "lora_linear", "gated_lora_linear", "gate_loss", "nn", "perf", "backend_info", "format_backend_info", "explain",
     "available_backends", "use_backend", "last_backend", "BackendUnavailable",
 ]
 
@@ -36,6 +37,16 @@ def __getattr__(name: str):
 
         return importlib.import_module("pyfastpeft.perf")
     raise AttributeError(f"module 'pyfastpeft' has no attribute {name!r}")
+
+
+def gate_loss(model: _torch.nn.Module) -> _torch.Tensor:
+    """Sum of ``gate_loss()`` over every gated layer of ``model`` (add ``λ ·`` this to the training loss)."""
+    from pyfastpeft.nn import GatedLoRALinear
+
+    losses = [m.gate_loss() for m in model.modules() if isinstance(m, GatedLoRALinear)]
+    if not losses:
+        raise ValueError("gate_loss: the model has no GatedLoRALinear layer")
+    return _torch.stack(losses).sum()
 
 
 def available_backends(op: str, device="cpu") -> list[str]:

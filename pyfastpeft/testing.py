@@ -44,8 +44,10 @@ class Verdict:
 
 
 def compare(out: torch.Tensor, ref64: torch.Tensor, ref_lo: Optional[torch.Tensor] = None, *,
-            factor: float = FWD_FACTOR, reduction: int = 1) -> Verdict:
-    """Judge ``out`` against the fp64 reference with the table above (``ref_lo``: reference in out's dtype)."""
+            factor: float = FWD_FACTOR, reduction: int = 1, as_dtype: Optional[torch.dtype] = None) -> Verdict:
+    """Judge ``out`` against the fp64 reference with the table above (``ref_lo``: the reference run in the
+    inputs' dtype). ``as_dtype`` applies another dtype's rule: an fp32 result computed from fp16/bf16
+    inputs (a threshold's gradient, a norm) is as accurate as those inputs, not as fp32."""
     if out.shape != ref64.shape:
         return Verdict(False, math.inf, 0.0, f"shape {tuple(out.shape)} != {tuple(ref64.shape)}")
     if out.numel() == 0:
@@ -54,19 +56,20 @@ def compare(out: torch.Tensor, ref64: torch.Tensor, ref_lo: Optional[torch.Tenso
     if not torch.isfinite(o).all():
         return Verdict(False, math.inf, 0.0, "non-finite values in output")
     err = (o - r).abs().max().item()
-    if out.dtype in (torch.float64, torch.float32):
-        tol = FP64_TOL if out.dtype == torch.float64 else fp32_tol(reduction, r.pow(2).mean().sqrt().item())
+    dtype = as_dtype or out.dtype
+    if dtype in (torch.float64, torch.float32):
+        tol = FP64_TOL if dtype == torch.float64 else fp32_tol(reduction, r.pow(2).mean().sqrt().item())
         allowed = tol["atol"] + tol["rtol"] * r.abs()
         worst = ((o - r).abs() / allowed).argmax()  # the element closest to (or past) its bound
         e, b = (o - r).abs().flatten()[worst].item(), allowed.flatten()[worst].item()
-        rule = f"{str(out.dtype)[6:]} rtol {tol['rtol']:.0e} atol {tol['atol']:.1e}, at the worst element"
+        rule = f"{str(dtype)[6:]} rtol {tol['rtol']:.0e} atol {tol['atol']:.1e}, at the worst element"
         return Verdict(e <= b, e, b, rule)
     if ref_lo is None:
-        raise ValueError(f"compare: a {out.dtype} output needs ref_lo, the reference run in {out.dtype}")
+        raise ValueError(f"compare: a {dtype} result needs ref_lo, the reference run in {dtype}")
     lo_err = (ref_lo.detach().double().cpu() - r).abs().max().item()
-    floor = LOWP_FLOOR.get(out.dtype, 1e-3)
+    floor = LOWP_FLOOR.get(dtype, 1e-3)
     budget = factor * lo_err + floor
-    return Verdict(err <= budget, err, budget, f"{factor:g}x torch-{str(out.dtype)[6:]} error {lo_err:.2e} + {floor:g}")
+    return Verdict(err <= budget, err, budget, f"{factor:g}x torch-{str(dtype)[6:]} error {lo_err:.2e} + {floor:g}")
 
 
 def assert_close_to_ref(name: str, out: torch.Tensor, ref64: torch.Tensor, ref_lo: Optional[torch.Tensor] = None,

@@ -75,3 +75,28 @@ def test_compile_with_dynamic_token_count():
     for m in (3, 7, 11):
         x = torch.randn(m, 32, device=DEVICE)
         torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_compile_fullgraph_gated_no_graph_break():
+    torch._dynamo.reset()
+    model = nn.Sequential(pfp.nn.GatedLoRALinear.from_linear(nn.Linear(32, 48), r=4, alpha=8), nn.ReLU(),
+                          pfp.nn.GatedLoRALinear.from_linear(nn.Linear(48, 16), r=2, alpha=4))
+    with torch.no_grad():
+        model[0].lora_B.weight.normal_()
+        model[2].lora_B.weight.normal_()
+        model[0].tau.fill_(1.0)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    g = torch.randn(2, 5, 16)
+    params = [x, model[0].tau, model[0].lora_A.weight, model[2].lora_B.weight]
+    y_e = model(x)
+    frac_e = model[0].selected_fraction
+    ge = torch.autograd.grad(y_e, params, g)
+    y_c = compiled(x)
+    assert model[0].selected_fraction == frac_e  # the gate statistics survive compilation
+    gc = torch.autograd.grad(y_c, params, g)
+    torch.testing.assert_close(y_c, y_e)
+    for c, e in zip(gc, ge):
+        torch.testing.assert_close(c, e)

@@ -1,4 +1,5 @@
 """Drop-in ``nn.Module`` layers: each wraps a frozen base layer and trains only its adapter."""
+from pyfastpeft.nn.gated_lora import GatedLoRALinear
 from pyfastpeft.nn.lora import LoRALinear
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "GatedLoRALinear"]

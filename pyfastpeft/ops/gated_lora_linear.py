@@ -1,0 +1,153 @@
+"""Token-selective LoRA (TS-PEFT) with a learnable threshold: ``specs/token_selective.md``.
+
+    y_i = W x_i + b + S_i · scale · B A dropout(x)_i,   S_i = [‖m_i‖ / max(‖W x_i‖, ε) ≥ max(τ, 0)]
+
+Shapes as ``lora_linear``; ``tau`` is a 0-dim floating tensor (learnable). ``tau=None`` is dense LoRA on
+``lora_linear``'s kernels. Saved for backward: ``x_lora`` (x itself without dropout), ``u (M, R)``,
+``ratio (M,)`` and ``selected (M,)``, plus ``x`` for ``gate_grad="full"`` with dropout: nothing of size
+``M × N``. The τ gradient is the spec's triangle-window surrogate; the clamp ``max(τ, 0)`` is
+straight-through (see ``pyfastpeft.reference.gated_lora_linear``).
+
+Backends: ``torch`` (``pyfastpeft.fallback.gated_lora_linear``). The fused Triton and CUDA kernels of the
+spec's §5 are not written yet; forcing them raises ``BackendUnavailable``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pyfastpeft._backend import Backend, OpRegistry
+from pyfastpeft.fallback import gated_lora_linear as _fallback
+from pyfastpeft.ops.lora_linear import _compute_dtype, lora_linear, validate_lora_args
+
+FWD = OpRegistry("gated_lora_linear_fwd", public="gated_lora_linear")
+BWD = OpRegistry("gated_lora_linear_bwd", public="gated_lora_linear")
+FWD.register(Backend("torch", _fallback.fwd, devices=lambda: ("cpu", "cuda")))
+BWD.register(Backend("torch", _fallback.bwd, devices=lambda: ("cpu", "cuda")))
+
+GATE_GRADS = ("threshold", "full")
+
+
+@torch.library.custom_op("pyfastpeft::gated_lora_linear_fwd", mutates_args=())
+def gated_lora_linear_fwd(x: Tensor, x_lora: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+                          lora_a: Tensor, lora_b: Tensor, scale: float, tau: Tensor,
+                          backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Primitive forward on 2-D x: ``(y (M, N), u (M, R), ratio (M,) fp32, selected (M,) bool)``."""
+    impl = FWD.select(x.device, x, x_lora, weight, bias, lora_a, lora_b, scale, tau, backend=backend)
+    return impl.fn(x, x_lora, weight, bias, lora_a, lora_b, scale, tau)
+
+
+@gated_lora_linear_fwd.register_fake
+def _(x, x_lora, weight, bias, lora_a, lora_b, scale, tau, backend=None):
+    M = x.shape[0]
+    return (x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_a.shape[0])),
+            x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.bool))
+
+
+@torch.library.custom_op("pyfastpeft::gated_lora_linear_bwd", mutates_args=())
+def gated_lora_linear_bwd(dy: Tensor, x: Tensor, x_lora: Tensor, u: Tensor, ratio: Tensor, selected: Tensor,
+                          weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, tau: Tensor,
+                          gate_width: float, full: bool, dx_mode: int, backend: Optional[str] = None
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Primitive backward: ``(dx, dx_lora, dA, dB, dtau)``; see ``pyfastpeft.fallback.gated_lora_linear``."""
+    args = (dy, x, x_lora, u, ratio, selected, weight, lora_a, lora_b, scale, tau, gate_width, full, dx_mode)
+    impl = BWD.select(dy.device, *args, backend=backend)
+    return impl.fn(*args)
+
+
+@gated_lora_linear_bwd.register_fake
+def _(dy, x, x_lora, u, ratio, selected, weight, lora_a, lora_b, scale, tau, gate_width, full, dx_mode,
+      backend=None):
+    M, K = dy.shape[0], weight.shape[1]
+    return (dy.new_empty((M, K) if dx_mode else (0,)), dy.new_empty((M, K) if dx_mode == 2 else (0,)),
+            dy.new_empty(lora_a.shape), dy.new_empty(lora_b.shape), tau.new_empty(()))
+
+
+class GatedLoRALinearFn(torch.autograd.Function):
+    """Autograd glue on 2-D inputs; returns ``(y, selected, ratio)`` (the last two not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, tau, scale, gate_width, full, backend):
+        y, u, ratio, selected = torch.ops.pyfastpeft.gated_lora_linear_fwd(
+            x, x_lora, weight, bias, lora_a, lora_b, scale, tau, backend)
+        ctx.has_xl, ctx.scale, ctx.gate_width, ctx.full, ctx.backend = x_lora is not None, scale, gate_width, full, backend
+        ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
+        xl = x if x_lora is None else x_lora
+        # x itself is needed only to recompute ‖h_i‖ on window rows in "full" mode with dropout
+        ctx.save_for_backward(x if (full and x_lora is not None) else xl, xl, u, ratio, selected, weight, lora_a,
+                              lora_b, tau)
+        ctx.mark_non_differentiable(ratio, selected)
+        return y, selected, ratio
+
+    @staticmethod
+    def backward(ctx, dy, _dsel, _dratio):
+        x, xl, u, ratio, selected, weight, lora_a, lora_b, tau = ctx.saved_tensors
+        need_x, need_xl = ctx.needs_input_grad[0], ctx.has_xl and ctx.needs_input_grad[1]
+        dx_mode = (2 if (need_x or need_xl) else 0) if ctx.has_xl else (1 if need_x else 0)
+        dx, dxl, da, db, dtau = torch.ops.pyfastpeft.gated_lora_linear_bwd(
+            dy.contiguous(), x, xl, u, ratio, selected, weight, lora_a, lora_b, ctx.scale, tau, ctx.gate_width,
+            ctx.full, dx_mode, ctx.backend)
+        dbias = dy.sum(0) if ctx.bias_grad else None
+        return (dx if need_x else None, dxl if need_xl else None, None, dbias,
+                da if ctx.needs_input_grad[4] else None, db if ctx.needs_input_grad[5] else None,
+                dtau if ctx.needs_input_grad[6] else None, None, None, None, None)
+
+
+def _validate_gate(tau, gate_width, gate_grad, x) -> None:
+    if not isinstance(tau, Tensor) or tau.dim() != 0 or not tau.is_floating_point():
+        raise ValueError(f"tau must be a 0-dim floating tensor (or None for dense LoRA), got "
+                         f"{type(tau).__name__ if not isinstance(tau, Tensor) else f'shape {tuple(tau.shape)} {tau.dtype}'}")
+    if tau.device != x.device:
+        raise ValueError(f"tau is on {tau.device} but x is on {x.device}: all tensors must share a device")
+    if isinstance(gate_width, bool) or not isinstance(gate_width, numbers.Real) or not gate_width > 0:
+        raise ValueError(f"gate_width must be a number > 0, got {gate_width!r}")
+    if gate_grad not in GATE_GRADS:
+        raise ValueError(f"gate_grad must be one of {GATE_GRADS}, got {gate_grad!r}")
+
+
+def gated_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                      scale: float, tau: Optional[Tensor], *, gate_width: float = 0.05, gate_grad: str = "threshold",
+                      dropout_p: float = 0.0, return_gate: bool = False, backend: Optional[str] = None):
+    """Token-selective LoRA linear (TS-PEFT): LoRA only on tokens whose update is large enough.
+
+    Args:
+        x, weight, bias, lora_a, lora_b, scale, dropout_p, backend: as :func:`pyfastpeft.lora_linear`.
+        tau: 0-dim floating tensor, the learnable threshold (clamped at 0 in the forward); ``None`` = dense LoRA.
+        gate_width: half-width ``T`` of the triangle surrogate window (> 0).
+        gate_grad: ``"threshold"`` (only τ gets the surrogate) or ``"full"`` (also through ``r_i``).
+        return_gate: also return ``selected (M,) bool`` and ``ratio (M,) fp32`` over flattened tokens.
+
+    Returns:
+        ``y (..., N)``, or ``(y, selected, ratio)`` with ``return_gate=True``.
+    """
+    validate_lora_args(x, weight, bias, lora_a, lora_b, scale, dropout_p)
+    if tau is None:
+        if gate_grad not in GATE_GRADS:
+            raise ValueError(f"gate_grad must be one of {GATE_GRADS}, got {gate_grad!r}")
+        y = lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=dropout_p, backend=backend)
+        if not return_gate:
+            return y
+        M = math.prod(x.shape[:-1])  # every token is selected; ratio is not computed for dense LoRA
+        return (y, torch.ones(M, dtype=torch.bool, device=x.device),
+                torch.zeros(M, dtype=torch.float32, device=x.device))
+    _validate_gate(tau, gate_width, gate_grad, x)
+    dt = _compute_dtype(x)
+    N, K = weight.shape
+    lead = x.shape[:-1]
+    x2 = x.to(dt).reshape(-1, K)
+    x_lora = F.dropout(x2, float(dropout_p), training=True) if dropout_p > 0 else None
+    y, selected, ratio = GatedLoRALinearFn.apply(
+        x2, x_lora, weight.to(dt), None if bias is None else bias.to(dt), lora_a.to(dt), lora_b.to(dt), tau,
+        float(scale), float(gate_width), gate_grad == "full", backend)
+    y = y.reshape(*lead, N)
+    return (y, selected, ratio) if return_gate else y
+
+
+def explain_args(x, weight, bias, lora_a, lora_b, scale, tau, *, backend=None, **_):
+    x2 = x.reshape(-1, x.shape[-1])
+    return FWD, x.device, (x2, None, weight, bias, lora_a, lora_b, float(scale), tau), backend
