@@ -86,6 +86,9 @@ class OpCheck:
     grads: tuple[str, ...]
     reduction: Callable[[Any], dict]
     sample_args: Optional[Callable[[torch.device, torch.dtype], tuple]] = None
+    # leaves that stay fp32 when the case runs in fp16/bf16 (as in a real model: a learnable threshold is an
+    # fp32 parameter); their gradients are judged by the low-precision rule of the activations they come from
+    keep_fp32: tuple[str, ...] = ()
 
 
 def _lora_cases(device: torch.device, dtype: torch.dtype) -> list[LinearCase]:
@@ -145,9 +148,50 @@ def _lora_sample(device: torch.device, dtype: torch.dtype) -> tuple:
     return (x, w, None, a, b, 1.0)
 
 
+GATE_WIDTH = 0.5  # wide, so that several tokens of each small case fall inside the tau surrogate's window
+
+
+def _gated_make(c: LinearCase, g: torch.Generator) -> dict:
+    """LoRA leaves plus a tau halfway between two tokens' fp64 ratios (about half the tokens selected;
+    no tie that rounding could flip)."""
+    from pyfastpeft.reference import gated_lora_linear_ref
+    leaves = _lora_make(c, g)
+    kw = _lora_build(leaves)
+    with torch.no_grad():
+        _, _, ratio = gated_lora_linear_ref(kw["x"], kw["weight"], kw["bias"], kw["lora_a"], kw["lora_b"],
+                                            kw["scale"], torch.tensor(0.0, dtype=torch.float64), return_gate=True)
+    r = ratio.flatten().sort().values
+    k = max(r.numel() // 2, 1)
+    leaves["tau"] = ((r[k - 1] + r[k]) / 2).reshape(())
+    return leaves
+
+
+def _gated_call(kw: dict, backend: str) -> torch.Tensor:
+    import pyfastpeft
+    return pyfastpeft.gated_lora_linear(kw["x"], kw["weight"], kw["bias"], kw["lora_a"], kw["lora_b"], kw["scale"],
+                                        kw["tau"], gate_width=GATE_WIDTH, backend=backend)
+
+
+def _gated_ref(kw: dict) -> torch.Tensor:
+    from pyfastpeft.reference import gated_lora_linear_ref
+    return gated_lora_linear_ref(kw["x"], kw["weight"], kw["bias"], kw["lora_a"], kw["lora_b"], kw["scale"],
+                                 kw["tau"], gate_width=GATE_WIDTH)
+
+
+def _gated_reduction(c: LinearCase) -> dict:
+    return dict(_lora_reduction(c), x=c.N + c.R + c.K, tau=c.tokens * (c.N + c.R))
+
+
+def _gated_sample(device: torch.device, dtype: torch.dtype) -> tuple:
+    return _lora_sample(device, dtype) + (torch.zeros((), device=device, dtype=dtype),)
+
+
 CHECKS: list[OpCheck] = [
     OpCheck(op="lora_linear", cases=_lora_cases, make=_lora_make, build=_lora_build, call=_lora_call,
             ref=_lora_ref, grads=("x", "lora_a", "lora_b"), reduction=_lora_reduction, sample_args=_lora_sample),
+    OpCheck(op="gated_lora_linear", cases=_lora_cases, make=_gated_make, build=_lora_build, call=_gated_call,
+            ref=_gated_ref, grads=("x", "lora_a", "lora_b", "tau"), reduction=_gated_reduction,
+            sample_args=_gated_sample, keep_fp32=("tau",)),
 ]
 
 
@@ -180,11 +224,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _to(leaves: dict, dtype: torch.dtype, device: torch.device, grads: Sequence[str]) -> dict:
+def _to(leaves: dict, dtype: torch.dtype, device: torch.device, grads: Sequence[str],
+        keep_fp32: Sequence[str] = ()) -> dict:
     out = {}
     for k, v in leaves.items():
         if isinstance(v, torch.Tensor):
-            t = v.detach().to(device=device, dtype=dtype).clone()
+            dt = torch.float32 if (k in keep_fp32 and dtype in (torch.float16, torch.bfloat16)) else dtype
+            t = v.detach().to(device=device, dtype=dt).clone()
             out[k] = t.requires_grad_(k in grads)
         else:
             out[k] = v
@@ -193,7 +239,7 @@ def _to(leaves: dict, dtype: torch.dtype, device: torch.device, grads: Sequence[
 
 def _run(fn: Callable[[dict], torch.Tensor], check: OpCheck, leaves: dict, dtype: torch.dtype,
          device: torch.device, gy: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    ls = _to(leaves, dtype, device, check.grads)
+    ls = _to(leaves, dtype, device, check.grads, check.keep_fp32)
     y = fn(check.build(ls))
     y.backward(gy.to(device=y.device, dtype=y.dtype))
     return y.detach(), {k: (ls[k].grad.detach() if ls[k].grad is not None else None) for k in check.grads}
@@ -293,7 +339,7 @@ def _check_case(check: OpCheck, backend: str, case: Any, dname: str, dtype: torc
             bad.append(f"d{k} missing")
             continue
         v = testing.compare(gr[k], gr64[k], None if gr_lo is None else gr_lo[k], factor=testing.GRAD_FACTOR,
-                            reduction=red.get(k, 1))
+                            reduction=red.get(k, 1), as_dtype=dtype if k in check.keep_fp32 else None)
         if not v.ok:
             ok = False
             bad.append(f"d{k}")

@@ -31,7 +31,7 @@ def test_no_command_prints_help(capsys):
 
 
 def test_check_torch_backend_passes(capsys):
-    assert main(["check", "--backend", "torch"]) == 0
+    assert main(["check", "--backend", "torch", "--op", "lora_linear"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("lora_linear")]
     assert len(rows) == 5  # one per case
@@ -74,7 +74,7 @@ def _wrong_bwd(fn):
                                              ("lora_linear_bwd", _wrong_bwd, "dlora_a")])
 def test_check_fails_on_a_broken_backend(monkeypatch, capsys, prim, wrap, what):
     _broken(monkeypatch, prim, wrap)
-    assert main(["check", "--backend", "torch"]) == 1
+    assert main(["check", "--backend", "torch", "--op", "lora_linear"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and what in out
     assert "0 passed" in out
@@ -86,8 +86,8 @@ def test_check_rejects_unknown_names(capsys):
     assert main(["check", "--op", "nope"]) == 2
 
 
-def test_checks_table_covers_lora_linear():
-    assert [c.op for c in check.CHECKS] == ["lora_linear"]
+def test_checks_table_covers_every_op():
+    assert [c.op for c in check.CHECKS] == ["lora_linear", "gated_lora_linear"]
     cases = check.CHECKS[0].cases(torch.device("cpu"), torch.float32)
     assert any(c.noncontig for c in cases) and any(not c.bias for c in cases) and any(c.lead for c in cases)
 
@@ -227,3 +227,9 @@ def test_check_interpret_runs_triton_in_the_interpreter():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Triton in the interpreter" in r.stdout and "PASS" in r.stdout
+
+
+def test_check_gated_all_dtypes_pass(capsys):
+    assert main(["check", "--backend", "torch", "--op", "gated_lora_linear", "--dtype", "fp32,fp16,bf16,fp64"]) == 0
+    out = capsys.readouterr().out
+    assert "20 passed, 0 failed" in out, out

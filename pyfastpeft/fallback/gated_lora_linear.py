@@ -1,6 +1,7 @@
 """``torch`` backend of token-selective LoRA: the contract of ``gated_lora_linear_fwd/bwd``.
 
-Forward on 2-D ``x (M, K)`` returns ``(y (M, N), u (M, R), ratio (M,) fp32, selected (M,) bool)``;
+Forward on 2-D ``x (M, K)`` returns ``(y (M, N), u (M, R), ratio (M,) fp32 (fp64 for fp64 x), selected (M,)
+bool)``;
 backward saves ``x_lora`` (x itself without dropout), ``u``, ``ratio``, ``selected`` and, for
 ``gate_grad="full"`` with dropout, ``x``: nothing of size ``M × N``.
 
@@ -39,7 +40,7 @@ def fwd(x: Tensor, x_lora: Optional[Tensor], weight: Tensor, bias: Optional[Tens
     y = h.addcmul_(selected.to(m.dtype)[:, None], m)
     if bias is not None:
         y += bias
-    return y, u, ratio.float(), selected
+    return y, u, ratio, selected  # ratio in fp32 (fp64 for fp64 inputs: the fp64 test path stays exact)
 
 
 def bwd(dy: Tensor, x: Tensor, x_lora: Tensor, u: Tensor, ratio: Tensor, selected: Tensor, weight: Tensor,

@@ -37,7 +37,7 @@ GATE_GRADS = ("threshold", "full")
 def gated_lora_linear_fwd(x: Tensor, x_lora: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
                           lora_a: Tensor, lora_b: Tensor, scale: float, tau: Tensor,
                           backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Primitive forward on 2-D x: ``(y (M, N), u (M, R), ratio (M,) fp32, selected (M,) bool)``."""
+    """Primitive forward on 2-D x: ``(y (M, N), u (M, R), ratio (M,) fp32 (fp64 for fp64 x), selected (M,) bool)``."""
     impl = FWD.select(x.device, x, x_lora, weight, bias, lora_a, lora_b, scale, tau, backend=backend)
     return impl.fn(x, x_lora, weight, bias, lora_a, lora_b, scale, tau)
 
@@ -46,7 +46,8 @@ def gated_lora_linear_fwd(x: Tensor, x_lora: Optional[Tensor], weight: Tensor, b
 def _(x, x_lora, weight, bias, lora_a, lora_b, scale, tau, backend=None):
     M = x.shape[0]
     return (x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_a.shape[0])),
-            x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.bool))
+            x.new_empty((M,), dtype=torch.promote_types(x.dtype, torch.float32)),
+            x.new_empty((M,), dtype=torch.bool))
 
 
 @torch.library.custom_op("pyfastpeft::gated_lora_linear_bwd", mutates_args=())

@@ -55,7 +55,7 @@ def gated_lora_linear_ref(x, weight, bias, lora_a, lora_b, scale: float, tau: Op
     soft = smooth_step((r_in - t) / gate_width)
     gate = hard + (soft - soft.detach())
     y = base + gate.unsqueeze(-1).to(m.dtype) * m
-    return (y, hard.bool(), ratio.detach().float()) if return_gate else y
+    return (y, hard.bool(), ratio.detach()) if return_gate else y
 
 
 def gate_loss_ref(ratio: torch.Tensor, tau: torch.Tensor, gate_width: float) -> torch.Tensor:
