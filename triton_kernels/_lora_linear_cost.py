@@ -46,9 +46,10 @@ def fwd_cost(M: int, N: int, K: int, R: int, itemsize: int, *, has_bias: bool, h
 
 
 def bwd_dx_cost(M: int, N: int, K: int, R: int, itemsize: int, *, dx_mode: int, block_m: int = 128,
-                block_k: int = 128, tiles: int | None = None):
+                block_k: int = 64, tiles: int | None = None, has_sel: bool = False):
     """``_lora_bwd_dx_kernel``: g = scale·dy B, and dx = dy W + g A (mode 1) or apart (mode 2); ``dy B`` is
-    computed once per group of ``tiles`` K tiles."""
+    computed once per group of ``tiles`` K tiles. ``has_sel``: token-selective LoRA's (M,) bool selection
+    is read (1 byte per token) by the programs that apply ``g A``."""
     if not (M and N):
         return dict(flops=0, read=0, write=0)
     tiles = tiles or tiles_per_prog(M, K, block_m, block_k)
@@ -56,11 +57,14 @@ def bwd_dx_cost(M: int, N: int, K: int, R: int, itemsize: int, *, dx_mode: int, 
     flops = 2 * M * N * R * groups + ((2 * M * N * K + 2 * M * R * K) if dx_mode else 0)
     read = M * N + N * R + ((N * K + R * K) if dx_mode else 0)
     write = M * R + (M * K if dx_mode else 0) + (M * K if dx_mode == 2 else 0)
-    return dict(flops=flops, read=read * itemsize, write=write * itemsize)
+    return dict(flops=flops, read=read * itemsize + (M if has_sel else 0), write=write * itemsize)
 
 
-def tn_cost(M: int, P: int, Q: int, itemsize: int):
-    """``_matmul_tn_kernel``: C (P, Q) = alpha·Pmatᵀ Qmat reduced over M."""
+def tn_cost(M: int, P: int, Q: int, itemsize: int, selected: int | None = None):
+    """``_matmul_tn_kernel``: C (P, Q) = alpha·Pmatᵀ Qmat reduced over M, or over the ``selected`` rows only
+    (then every row's 1-byte flag is read, and only selected rows of Pmat and Qmat)."""
     if not M:
         return dict(flops=0, read=0, write=0)
-    return dict(flops=2 * M * P * Q, read=(M * P + M * Q) * itemsize, write=P * Q * itemsize)
+    rows = M if selected is None else selected
+    flags = 0 if selected is None else M
+    return dict(flops=2 * M * P * Q, read=(rows * P + rows * Q) * itemsize + flags, write=P * Q * itemsize)

@@ -78,7 +78,7 @@ _FWD_FAMILIES = {
 }
 # dx: the output tile is (BLOCK_M, BLOCK_K) and the reduction runs over N in BLOCK_N chunks.
 _DX_FAMILIES = {
-    ("16", 32): [_cfg(128, 64, 128, 8, 2), _cfg(128, 64, 64, 8, 3), _cfg(64, 64, 128, 8, 3), _cfg(64, 64, 64, 4, 3)],
+    ("16", 32): [_cfg(128, 64, 64, 8, 3), _cfg(64, 64, 128, 8, 3), _cfg(64, 64, 64, 4, 3)],
     ("16", 64): [_cfg(128, 64, 64, 8, 3), _cfg(64, 64, 64, 8, 3), _cfg(64, 32, 128, 4, 3)],
     ("16", 128): [_cfg(64, 64, 128, 8, 3), _cfg(32, 64, 128, 4, 3)],
     ("fp32", 32): [_cfg(64, 16, 128, 8, 3), _cfg(32, 16, 128, 4, 3), _cfg(32, 16, 64, 4, 3)],
@@ -89,8 +89,7 @@ _DX_FAMILIES = {
 _TN_FAMILIES = {
     "16": [_tn_cfg(128, 64, 64, 4, 3), _tn_cfg(64, 128, 64, 4, 3), _tn_cfg(64, 64, 64, 4, 3),
            _tn_cfg(128, 128, 32, 8, 3)],
-    "fp32": [_tn_cfg(128, 128, 16, 8, 3), _tn_cfg(128, 64, 32, 8, 3), _tn_cfg(64, 128, 32, 8, 3),
-             _tn_cfg(32, 64, 32, 4, 3)],
+    "fp32": [_tn_cfg(128, 128, 16, 8, 3), _tn_cfg(64, 128, 32, 8, 3), _tn_cfg(32, 64, 32, 4, 3)],
 }
 # The interpreter runs one small config per family (autotune_configs).
 _INTERP_FWD = _cfg(16, 32, 32, 1, 1)
@@ -283,11 +282,12 @@ def _dx_epilogue(
 
 @triton.jit
 def _lora_bwd_dx_kernel(
-    dy_ptr, w_ptr, a_ptr, b_ptr, dx_ptr, dxl_ptr, g_ptr,
+    dy_ptr, w_ptr, a_ptr, b_ptr, dx_ptr, dxl_ptr, g_ptr, sel_ptr,
     M, N, K, R, M_BUCKET, TILES_PER_PROG, scale,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_dxm, stride_dxk, stride_dxlm, stride_dxlk, stride_gm, stride_gr,
     DX_MODE: tl.constexpr,  # 0: only g; 1: dx = dy W + g A; 2: dx = dy W and dx_lora = g A apart
+    HAS_SEL: tl.constexpr,  # token-selective LoRA: the g A term only on selected rows (g is stored unmasked)
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -313,6 +313,8 @@ def _lora_bwd_dx_kernel(
     g = (acc_g * scale).to(g_ptr.dtype.element_ty)
     if pid_g == 0:
         tl.store(g_ptr + rm[:, None] * stride_gm + rr[None, :] * stride_gr, g, mask=m_ok[:, None] & r_ok[None, :])
+    if HAS_SEL:  # sel_ptr: (M,) bool; never dereferenced when HAS_SEL is off
+        g = g * tl.load(sel_ptr + rm, mask=m_ok, other=0).to(g.dtype)[:, None]
     if DX_MODE != 0:
         _dx_epilogue(acc, g, rm, rk, rr, m_ok, k_ok, r_ok, R, a_ptr, dx_ptr, dxl_ptr, stride_ar, stride_ak,
                      stride_dxm, stride_dxk, stride_dxlm, stride_dxlk, DX_MODE, UPCAST, PRECISION, BLOCK_K)
@@ -328,8 +330,9 @@ def _lora_bwd_dx_kernel(
 
 @triton.jit
 def _matmul_tn_kernel(
-    p_ptr, q_ptr, c_ptr, M, P, Q, M_BUCKET, alpha,
+    p_ptr, q_ptr, c_ptr, sel_ptr, M, P, Q, M_BUCKET, alpha,
     stride_pm, stride_pp, stride_qm, stride_qq, stride_cp, stride_cq,
+    HAS_SEL: tl.constexpr,  # reduce over selected rows only: masked-off rows move no bytes
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -341,6 +344,8 @@ def _matmul_tn_kernel(
     for m0 in range(0, M, BLOCK_M):
         rm = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         m_ok = rm < M
+        if HAS_SEL:  # sel_ptr: (M,) bool; never dereferenced when HAS_SEL is off
+            m_ok = m_ok & (tl.load(sel_ptr + rm, mask=m_ok, other=0) != 0)
         pt = tl.load(p_ptr + rm[None, :] * stride_pm + rp[:, None] * stride_pp,  # Pᵀ tile (BLOCK_P, BLOCK_M)
                      mask=p_ok[:, None] & m_ok[None, :], other=0.0)
         qt = tl.load(q_ptr + rm[:, None] * stride_qm + rq[None, :] * stride_qq,
@@ -448,8 +453,9 @@ def lora_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale: float):
     return _finish(y, x.dtype), _finish(u, x.dtype)
 
 
-def matmul_tn(p, q, alpha: float, out_dtype=None):
-    """C = alpha · pᵀ q for p (M, P), q (M, Q); fp32 accumulation."""
+def matmul_tn(p, q, alpha: float, out_dtype=None, selected=None):
+    """C = alpha · pᵀ q for p (M, P), q (M, Q); fp32 accumulation; with ``selected (M,) bool`` the sum runs
+    over the selected rows only (the others are never read)."""
     M, P = p.shape
     Q = q.shape[1]
     dtype = out_dtype or p.dtype
@@ -458,15 +464,16 @@ def matmul_tn(p, q, alpha: float, out_dtype=None):
         return _finish(c.zero_(), dtype)
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(Q, meta["BLOCK_Q"]))  # noqa: E731
     _TN[_dtype_class(p.dtype)][grid](
-        p, q, c, M, P, Q, triton.next_power_of_2(M), float(alpha),
+        p, q, c, selected if selected is not None else p, M, P, Q, triton.next_power_of_2(M), float(alpha),
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), c.stride(0), c.stride(1),
-        UPCAST=_upcast(p.dtype), PRECISION=_precision(p.dtype),
+        HAS_SEL=selected is not None, UPCAST=_upcast(p.dtype), PRECISION=_precision(p.dtype),
     )
     return _finish(c, dtype)
 
 
-def bwd_dx(dy, weight, lora_a, lora_b, scale: float, dx_mode: int):
-    """One ``_lora_bwd_dx_kernel`` launch: ``(dx, dx_lora, g)`` with ``g = scale · dy B``."""
+def bwd_dx(dy, weight, lora_a, lora_b, scale: float, dx_mode: int, selected=None):
+    """One ``_lora_bwd_dx_kernel`` launch: ``(dx, dx_lora, g)`` with ``g = scale · dy B`` (every row); with
+    ``selected (M,) bool`` the ``g A`` term of dx is applied to selected rows only."""
     M, N = dy.shape
     K, R = weight.shape[1], lora_a.shape[0]
     odt = _out_dtype(dy.dtype)
@@ -486,13 +493,15 @@ def bwd_dx(dy, weight, lora_a, lora_b, scale: float, dx_mode: int):
             triton.cdiv(M, meta["BLOCK_M"]) * (triton.cdiv(triton.cdiv(K, meta["BLOCK_K"]), tpp) if dx_mode else 1),)
         _DX[fam][grid](
             dy, weight, lora_a, lora_b, dx if dx_mode else g, dxl if dx_mode == 2 else g, g,
+            selected if selected is not None else g,  # never dereferenced without HAS_SEL
             M, N, K, R, triton.next_power_of_2(M), tpp, float(scale),
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
             lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
             dx.stride(0) if dx_mode else 0, dx.stride(1) if dx_mode else 0,
             dxl.stride(0) if dx_mode == 2 else 0, dxl.stride(1) if dx_mode == 2 else 0,
             g.stride(0), g.stride(1),
-            DX_MODE=int(dx_mode), UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype),
+            DX_MODE=int(dx_mode), HAS_SEL=selected is not None, UPCAST=_upcast(dy.dtype),
+            PRECISION=_precision(dy.dtype),
             BLOCK_R=BR,
         )
     return _finish(dx, dy.dtype), _finish(dxl, dy.dtype), _finish(g, dy.dtype)
@@ -512,7 +521,7 @@ def _spec(name, kernel, ptrs, ints, strides, unit, cx, cfg, ty):
     constant 1, and sizes / leading strides are marked divisible by 16 (the JIT does both at launch)."""
     sig = {n: f"*{ty}" for n in ptrs}
     sig.update({n: "i32" for n in ints + strides})
-    sig["scale" if "scale" in kernel.arg_names else "alpha"] = "fp32"
+    sig.update({n: "fp32" for n in ("scale", "alpha") if n in kernel.arg_names})
     sig.update({n: "constexpr" for n in cx})
     consts = dict(cx, **{n: 1 for n in unit})
     div16 = [n for n in ints + strides if n not in unit and n not in ("M", "R", "P", "TILES_PER_PROG")]
@@ -531,25 +540,31 @@ def _fwd_spec(ty, prec, BR, cfg):
         dict(HAS_XL=False, HAS_BIAS=True, UPCAST=False, PRECISION=prec, BLOCK_R=BR, **kw), cfg, ty)
 
 
-def _dx_spec(ty, prec, BR, cfg):
+def _dx_spec(ty, prec, BR, cfg, has_sel=False):
     kw = cfg.kwargs
-    return _spec(
-        f"lora_bwd_dx/{ty}/r{BR}/{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}", _lora_bwd_dx_kernel,
-        ["dy_ptr", "w_ptr", "a_ptr", "b_ptr", "dx_ptr", "dxl_ptr", "g_ptr"],
+    spec = _spec(
+        f"lora_bwd_dx/{ty}/r{BR}/{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}" + ("/sel" if has_sel else ""),
+        _lora_bwd_dx_kernel, ["dy_ptr", "w_ptr", "a_ptr", "b_ptr", "dx_ptr", "dxl_ptr", "g_ptr", "sel_ptr"],
         ["M", "N", "K", "R", "M_BUCKET", "TILES_PER_PROG"],
         ["stride_dym", "stride_dyn", "stride_wn", "stride_wk", "stride_ar", "stride_ak", "stride_bn",
          "stride_br", "stride_dxm", "stride_dxk", "stride_dxlm", "stride_dxlk", "stride_gm", "stride_gr"],
         ["stride_dyn", "stride_wk", "stride_ak", "stride_br", "stride_dxk", "stride_dxlk", "stride_gr"],
-        dict(DX_MODE=1, UPCAST=False, PRECISION=prec, BLOCK_R=BR, **kw), cfg, ty)
+        dict(DX_MODE=1, HAS_SEL=has_sel, UPCAST=False, PRECISION=prec, BLOCK_R=BR, **kw), cfg, ty)
+    if has_sel:  # the selection is a bool vector: Triton's *i1
+        spec.signature["sel_ptr"] = "*i1"
+    return spec
 
 
-def _tn_spec(ty, prec, cfg):
+def _tn_spec(ty, prec, cfg, has_sel=False):
     kw = cfg.kwargs
-    return _spec(
-        f"matmul_tn/{ty}/{kw['BLOCK_P']}x{kw['BLOCK_Q']}x{kw['BLOCK_M']}", _matmul_tn_kernel,
-        ["p_ptr", "q_ptr", "c_ptr"], ["M", "P", "Q", "M_BUCKET"],
+    spec = _spec(
+        f"matmul_tn/{ty}/{kw['BLOCK_P']}x{kw['BLOCK_Q']}x{kw['BLOCK_M']}" + ("/sel" if has_sel else ""),
+        _matmul_tn_kernel, ["p_ptr", "q_ptr", "c_ptr", "sel_ptr"], ["M", "P", "Q", "M_BUCKET"],
         ["stride_pm", "stride_pp", "stride_qm", "stride_qq", "stride_cp", "stride_cq"],
-        ["stride_pp", "stride_qq", "stride_cq"], dict(UPCAST=False, PRECISION=prec, **kw), cfg, ty)
+        ["stride_pp", "stride_qq", "stride_cq"], dict(HAS_SEL=has_sel, UPCAST=False, PRECISION=prec, **kw), cfg, ty)
+    if has_sel:
+        spec.signature["sel_ptr"] = "*i1"
+    return spec
 
 
 def _aot_specs() -> list[AOTSpec]:
@@ -562,7 +577,11 @@ def _aot_specs() -> list[AOTSpec]:
             for BR in ((16, 32) if bucket == 32 else (bucket,)):
                 specs += [_fwd_spec(ty, prec, BR, cfg) for cfg in _FWD_FAMILIES[cls, bucket]]
                 specs += [_dx_spec(ty, prec, BR, cfg) for cfg in _DX_FAMILIES[cls, bucket]]
+                if ty != "fp16":  # token-selective LoRA's variant (selected rows only in the g A term)
+                    specs += [_dx_spec(ty, prec, BR, cfg, has_sel=True) for cfg in _DX_FAMILIES[cls, bucket]]
         specs += [_tn_spec(ty, prec, cfg) for cfg in _TN_FAMILIES[cls]]
+        if ty != "fp16":  # token-selective LoRA's dA / dB over selected rows
+            specs += [_tn_spec(ty, prec, cfg, has_sel=True) for cfg in _TN_FAMILIES[cls]]
     return specs
 
 

@@ -43,6 +43,33 @@ def fwd(x: Tensor, x_lora: Optional[Tensor], weight: Tensor, bias: Optional[Tens
     return y, u, ratio, selected  # ratio in fp32 (fp64 for fp64 inputs: the fp64 test path stays exact)
 
 
+def tau_window(ratio: Tensor, tau: Tensor, gate_width: float, dtype: torch.dtype) -> Tensor:
+    """Triangle window ``w_i = max(0, 1 − |r_i − τ_eff| / T) / T`` (= −∂S_i/∂τ of the surrogate)."""
+    return (1 - (ratio.to(dtype) - tau.to(dtype).clamp(min=0)).abs() / gate_width).clamp(min=0) / gate_width
+
+
+def full_terms(c: Tensor, win: Tensor, x: Tensor, x_lora: Tensor, u: Tensor, ratio: Tensor, weight: Tensor,
+               lora_a: Tensor, lora_b: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``gate_grad="full"``: the gradient of ``r_i = ‖m_i‖ / ‖h_i‖`` on the window rows ``win``, with
+    ``c = ∂L/∂r`` there; ``h`` and ``m`` are recomputed for those rows only.
+
+    Returns ``(dA_add, dB_add, dx_lora_rows, dx_rows)`` (the last two: rows ``win`` of dx_lora and dx).
+    """
+    wd = c.dtype
+    u_w, xl_w = u[win], x_lora[win]
+    h_w = torch.mm(x[win], weight.t()).to(wd)
+    m_w = (torch.mm(u_w, lora_b.t()) * scale).to(wd)
+    hn, mn = h_w.norm(dim=1), m_w.norm(dim=1)
+    q = torch.where(mn > 0, c / (mn * hn.clamp(min=EPS)), torch.zeros_like(c))
+    dm = q[:, None] * m_w  # through ‖m_i‖
+    du = (torch.mm(dm, lora_b.to(wd)) * scale).to(u.dtype)
+    da_add = torch.mm(du.t(), xl_w)
+    db_add = (torch.mm(dm.t(), u_w.to(wd)) * scale).to(lora_b.dtype)
+    # through 1/max(‖h_i‖, ε): ∂r/∂h = −r h / ‖h‖² where ‖h‖ > ε
+    coef = torch.where(hn > EPS, -c * ratio[win].to(wd) / hn.clamp(min=EPS) ** 2, torch.zeros_like(c))
+    return da_add, db_add, torch.mm(du, lora_a), torch.mm((coef[:, None] * h_w).to(u.dtype), weight)
+
+
 def bwd(dy: Tensor, x: Tensor, x_lora: Tensor, u: Tensor, ratio: Tensor, selected: Tensor, weight: Tensor,
         lora_a: Tensor, lora_b: Tensor, scale: float, tau: Tensor, gate_width: float, full: bool, dx_mode: int
         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -52,31 +79,35 @@ def bwd(dy: Tensor, x: Tensor, x_lora: Tensor, u: Tensor, ratio: Tensor, selecte
     g = g_all * s_col
     da = torch.mm(g.t(), x_lora)
     db = torch.mm(dy.t(), u * s_col).mul_(scale)
-    dym = (g_all.to(wd) * u.to(wd)).sum(1)  # ⟨dy_i, m_i⟩
-    w = (1 - (ratio.to(wd) - tau.to(wd).clamp(min=0)).abs() / gate_width).clamp(min=0) / gate_width
-    dtau = -(w * dym).sum().to(tau.dtype)
-    dxl = torch.mm(g, lora_a) if dx_mode else None
     dx = torch.mm(dy, weight) if dx_mode else None
+    dxl = torch.mm(g, lora_a) if dx_mode else None
+    return finish_gate(dy, x, x_lora, u, ratio, weight, lora_a, lora_b, scale, tau, gate_width, full, dx_mode,
+                       g_all, da, db, dx, dxl, wd)
+
+
+def finish_gate(dy, x, x_lora, u, ratio, weight, lora_a, lora_b, scale, tau, gate_width, full, dx_mode,
+                g_all, da, db, dx, dxl, wd):
+    """The τ gradient and the ``"full"`` terms, shared by every backend (they touch only (M, R) tensors and
+    the window rows). ``dx`` / ``dx_lora`` come from the selected-rows LoRA backward; in mode 1 ``dx_lora``
+    may be None when ``dx`` already holds it (a fused kernel)."""
+    dym = (g_all.to(wd) * u.to(wd)).sum(1)  # ⟨dy_i, m_i⟩
+    w = tau_window(ratio, tau, gate_width, wd)
+    dtau = -(w * dym).sum().to(tau.dtype)
+    if dx_mode == 1 and dxl is not None:
+        dx, dxl = dx.add_(dxl), None
     if full:
         win = torch.nonzero(w > 0).flatten()
         if win.numel():
-            c = (w * dym)[win]  # ∂L/∂r_i on the window rows
-            u_w, xl_w = u[win], x_lora[win]
-            h_w = torch.mm(x[win], weight.t()).to(wd)
-            m_w = (torch.mm(u_w, lora_b.t()) * scale).to(wd)
-            hn, mn = h_w.norm(dim=1), m_w.norm(dim=1)
-            q = torch.where(mn > 0, c / (mn * hn.clamp(min=EPS)), torch.zeros_like(c))
-            dm = q[:, None] * m_w  # through ‖m_i‖
-            du = (torch.mm(dm, lora_b.to(wd)) * scale).to(dy.dtype)
-            da = da + torch.mm(du.t(), xl_w)
-            db = db + (torch.mm(dm.t(), u_w.to(wd)) * scale).to(db.dtype)
-            if dx_mode:
-                dxl = dxl.index_add(0, win, torch.mm(du, lora_a))
-                # through 1/max(‖h_i‖, ε): ∂r/∂h = −r h / ‖h‖² where ‖h‖ > ε
-                coef = torch.where(hn > EPS, -c * ratio[win].to(wd) / hn.clamp(min=EPS) ** 2, torch.zeros_like(c))
-                dx = dx.index_add(0, win, torch.mm((coef[:, None] * h_w).to(dy.dtype), weight))
+            da_add, db_add, dxl_rows, dx_rows = full_terms((w * dym)[win], win, x, x_lora, u, ratio, weight,
+                                                           lora_a, lora_b, scale)
+            da, db = da + da_add, db + db_add
+            if dx_mode == 1:
+                dx = dx.index_add(0, win, dxl_rows + dx_rows)
+            elif dx_mode == 2:
+                dxl = dxl.index_add(0, win, dxl_rows)
+                dx = dx.index_add(0, win, dx_rows)
     if dx_mode == 0:
         return empty_out((0,), like=dy), empty_out((0,), like=dy), da, db, dtau
     if dx_mode == 1:
-        return dx.add_(dxl), empty_out((0,), like=dy), da, db, dtau
+        return dx, empty_out((0,), like=dy), da, db, dtau
     return dx, dxl, da, db, dtau

@@ -8,11 +8,14 @@ Shapes as ``lora_linear``; ``tau`` is a 0-dim floating tensor (learnable). ``tau
 ``M × N``. The τ gradient is the spec's triangle-window surrogate; the clamp ``max(τ, 0)`` is
 straight-through (see ``pyfastpeft.reference.gated_lora_linear``).
 
-Backends: ``torch`` (``pyfastpeft.fallback.gated_lora_linear``). The fused Triton and CUDA kernels of the
-spec's §5 are not written yet; forcing them raises ``BackendUnavailable``.
+Backends: ``triton`` (``pyfastpeft.triton_kernels.gated_lora_linear``: the row norms of the frozen output in
+the base GEMM's epilogue, the expand on selected rows only, the selected-rows backward in the LoRA dx kernel)
+and ``torch`` (``pyfastpeft.fallback.gated_lora_linear``). No CUDA C++ kernels yet: forcing ``cuda`` raises
+``BackendUnavailable``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Optional
@@ -23,12 +26,27 @@ from torch import Tensor
 
 from pyfastpeft._backend import Backend, OpRegistry
 from pyfastpeft.fallback import gated_lora_linear as _fallback
-from pyfastpeft.ops.lora_linear import _compute_dtype, lora_linear, validate_lora_args
+from pyfastpeft.ops.lora_linear import (_ORDER, _compute_dtype, _triton_available, _triton_devices, _triton_why,
+                                       lora_linear, validate_lora_args)
 
-FWD = OpRegistry("gated_lora_linear_fwd", public="gated_lora_linear")
-BWD = OpRegistry("gated_lora_linear_bwd", public="gated_lora_linear")
+FWD = OpRegistry("gated_lora_linear_fwd", public="gated_lora_linear", order=_ORDER)
+BWD = OpRegistry("gated_lora_linear_bwd", public="gated_lora_linear", order=_ORDER)
 FWD.register(Backend("torch", _fallback.fwd, devices=lambda: ("cpu", "cuda")))
 BWD.register(Backend("torch", _fallback.bwd, devices=lambda: ("cpu", "cuda")))
+
+
+def _gk():
+    from pyfastpeft.triton_kernels import gated_lora_linear as gk  # lazy: decorating kernels imports triton
+
+    return gk
+
+
+FWD.register(Backend("triton", lambda *a: _gk().gated_fwd(*a), devices=_triton_devices, available=_triton_available,
+                     supports=lambda x, xl, w, b, a, *_: _gk().supports(x.dtype, a.shape[0]),
+                     why_unavailable=_triton_why))
+BWD.register(Backend("triton", lambda *a: _gk().gated_bwd(*a), devices=_triton_devices, available=_triton_available,
+                     supports=lambda dy, x, xl, u, r, s, w, a, *_: _gk().supports(dy.dtype, a.shape[0]),
+                     why_unavailable=_triton_why))
 
 GATE_GRADS = ("threshold", "full")
 
@@ -83,11 +101,14 @@ class GatedLoRALinearFn(torch.autograd.Function):
         ctx.save_for_backward(x if (full and x_lora is not None) else xl, xl, u, ratio, selected, weight, lora_a,
                               lora_b, tau)
         ctx.mark_non_differentiable(ratio, selected)
+        ctx.set_materialize_grads(False)  # no zero gradients for the non-differentiable outputs
         return y, selected, ratio
 
     @staticmethod
     def backward(ctx, dy, _dsel, _dratio):
         x, xl, u, ratio, selected, weight, lora_a, lora_b, tau = ctx.saved_tensors
+        if dy is None:  # y did not reach the loss
+            return (None,) * 11
         need_x, need_xl = ctx.needs_input_grad[0], ctx.has_xl and ctx.needs_input_grad[1]
         dx_mode = (2 if (need_x or need_xl) else 0) if ctx.has_xl else (1 if need_x else 0)
         dx, dxl, da, db, dtau = torch.ops.pyfastpeft.gated_lora_linear_bwd(
@@ -152,3 +173,70 @@ def gated_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
 def explain_args(x, weight, bias, lora_a, lora_b, scale, tau, *, backend=None, **_):
     x2 = x.reshape(-1, x.shape[-1])
     return FWD, x.device, (x2, None, weight, bias, lora_a, lora_b, float(scale), tau), backend
+
+
+# --------------------------------------------------------------------------------------------- cost model
+# On the meta device the selection is unknown: the modeled selected fraction is a setting (default 1.0).
+_MODEL = {"selected_fraction": 1.0}
+
+
+@contextlib.contextmanager
+def modeled_selection(fraction: float):
+    """``pfp.perf.count`` models gated layers with this fraction of tokens selected (meta tensors carry no
+    values, so the gate cannot be evaluated)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+    old, _MODEL["selected_fraction"] = _MODEL["selected_fraction"], float(fraction)
+    try:
+        yield
+    finally:
+        _MODEL["selected_fraction"] = old
+
+
+def _tc(dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def _fwd_cost(args, kwargs, outputs):
+    """The Triton forward: base GEMM + shrink + row norms, the gate on (M, R) tensors, the selected-rows expand."""
+    from pyfastpeft.perf import Launch
+    from pyfastpeft.triton_kernels._gated_lora_linear_cost import gated_base_cost, gated_expand_cost
+
+    x, x_lora, weight, bias, lora_a = args[:5]
+    (M, K), N, R, s = x.shape, weight.shape[0], lora_a.shape[0], x.element_size()
+    sel = round(_MODEL["selected_fraction"] * M)
+    base = gated_base_cost(M, N, K, R, s, has_bias=bias is not None, has_xl=x_lora is not None)
+    exp = gated_expand_cost(M, sel, N, R, s)
+    gate_flops = 2 * N * R * R + 2 * M * R * R + 6 * M
+    gate_bytes = (M * R + N * R) * s + 4 * M * 3 + M
+    return [Launch("triton:gated_base", base["flops"], base["read"] + base["write"], x.dtype, _tc(x.dtype)),
+            Launch("torch:gate (Gram, norms, compare)", gate_flops, gate_bytes, torch.float32, False),
+            Launch("triton:gated_expand", exp["flops"], exp["read"] + exp["write"], x.dtype, _tc(x.dtype))]
+
+
+def _bwd_cost(args, kwargs, outputs):
+    """The Triton backward: the LoRA dx kernel with the selection, dA and dB reductions, the τ gradient."""
+    from pyfastpeft.perf import Launch
+    from pyfastpeft.triton_kernels._lora_linear_cost import bwd_dx_cost, tn_cost
+
+    dy, x, x_lora, u = args[:4]
+    weight, lora_a = args[6], args[7]
+    dx_mode = args[13]
+    (M, N), K, R, s = dy.shape, weight.shape[1], lora_a.shape[0], dy.element_size()
+    sel = round(_MODEL["selected_fraction"] * M)
+    dx = bwd_dx_cost(M, N, K, R, s, dx_mode=dx_mode, has_sel=True)
+    da, db = tn_cost(M, R, K, s, selected=sel), tn_cost(M, N, R, s, selected=sel)
+    return [Launch("triton:lora_bwd_dx(sel)", dx["flops"], dx["read"] + dx["write"], dy.dtype, _tc(dy.dtype)),
+            Launch("triton:matmul_tn(dA)", da["flops"], da["read"] + da["write"], dy.dtype, _tc(dy.dtype)),
+            Launch("triton:matmul_tn(dB)", db["flops"], db["read"] + db["write"], dy.dtype, _tc(dy.dtype)),
+            Launch("torch:tau grad (M, R)", 4 * M * R, 2 * M * R * s + 4 * M * 2, torch.float32, False)]
+
+
+def _register_costs() -> None:
+    from pyfastpeft import perf
+
+    perf.register_cost("pyfastpeft::gated_lora_linear_fwd", _fwd_cost)
+    perf.register_cost("pyfastpeft::gated_lora_linear_bwd", _bwd_cost)
+
+
+_register_costs()

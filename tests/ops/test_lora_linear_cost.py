@@ -72,3 +72,18 @@ def test_tiles_per_prog_policy():
     assert (c1["flops"] - base) / base == pytest.approx(16 / 128 + 16 / 4096)
     assert (c4["flops"] - base) / base == pytest.approx(16 / 512 + 16 / 4096)
     assert c1["read"] == c4["read"] and c1["write"] == c4["write"]
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.3, 1.0])
+def test_matmul_tn_selected_rows_only(frac):
+    from pyfastpeft.triton_kernels import lora_linear as tk
+
+    M, P, Q = 37, 3, 120
+    p, q = torch.randn(M, P), torch.randn(M, Q)
+    sel = torch.zeros(M, dtype=torch.bool)
+    sel[torch.randperm(M, generator=torch.Generator().manual_seed(1))[: int(frac * M)]] = True
+    with trace_memory() as tr:
+        c_out = tk.matmul_tn(p, q, 2.0, selected=sel)
+    torch.testing.assert_close(c_out, 2.0 * p[sel].T @ q[sel], rtol=1e-5, atol=1e-5)
+    c = tk.tn_cost(M, P, Q, 4, selected=int(sel.sum()))
+    assert (tr.loaded_bytes, tr.stored_bytes) == (c["read"], c["write"])

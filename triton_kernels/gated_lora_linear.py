@@ -1,0 +1,245 @@
+"""Token-selective LoRA (TS-PEFT) kernels (Triton): the ``triton`` backend of ``gated_lora_linear_fwd/bwd``.
+
+Maths: ``specs/token_selective.md``. 2-D ``x (M, K)``, ``W (N, K)``, ``A (R, K)``, ``B (N, R)``.
+
+* ``_gated_fwd_kernel``: the LoRA forward's main loop (``x Wᵀ`` and the shrink ``u = x_lora Aᵀ`` from the
+  same x tiles, ``TILES_PER_PROG`` N tiles per program sharing one shrink), but its epilogue writes
+  ``y = h + bias`` and the partial row sums of ``h²`` of its tiles (``hsq (G, M)`` fp32, one row per program
+  group): the norms of the frozen output come out of the base GEMM, and ``h`` is never re-read.
+* the gate (torch, on ``(M, R)`` and ``(R, R)`` tensors only): ``‖m_i‖² = s² u_iᵀ (BᵀB) u_i``,
+  ``r_i = ‖m_i‖ / max(‖h_i‖, ε)``, ``S_i = r_i ≥ max(τ, 0)``.
+* ``_gated_expand_kernel``: ``y_i += s · u_i Bᵀ`` on selected rows only. Row blocks without a selected
+  token return at once; masked-off rows move no bytes, so the expand's traffic is ∝ the selected fraction.
+* backward: the LoRA dx kernel with ``HAS_SEL`` (``dx = dy W + (S ⊙ g) A`` in one GEMM over the
+  concatenated reduction, ``g = s · dy B`` stored for every row), then ``dA = (S ⊙ g)ᵀ x_lora`` and
+  ``dB = s · dyᵀ (S ⊙ u)`` with the LoRA reduction kernel over selected rows only (unselected rows of x and
+  dy are never read), and the τ surrogate gradient from ``g · u`` (``(M, R)`` tensors) via
+  ``pyfastpeft.fallback.gated_lora_linear.finish_gate``.
+
+Not fused yet (the spec's §5 asks for them): a stable compaction of the selected row indices (the expand
+and the reductions still run programs over every row block; skipped rows cost no memory traffic but their
+programs run), and the gate itself as one kernel (it is a few torch ops on (M, R) tensors). Limits as the LoRA kernels: ``R <= 128``, fp32/fp16/bf16.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pyfastpeft._alloc import empty_out
+from pyfastpeft.fallback.gated_lora_linear import EPS, finish_gate
+from pyfastpeft.triton_kernels import lora_linear as _lk
+from pyfastpeft.triton_kernels._config import AOTSpec, autotune_configs
+from pyfastpeft.triton_kernels._lora_linear_cost import _cdiv
+
+supports = _lk.supports
+
+
+@triton.jit
+def _gated_epilogue(acc, hsq, rm, rn, m_ok, n_ok, bias_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS: tl.constexpr):
+    """Store y = h + bias for one tile; return hsq plus the tile's row sums of h² (h as stored, rounded)."""
+    hf = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+    hsq += tl.sum(hf * hf, axis=1)
+    if HAS_BIAS:
+        hf += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, hf.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+    return hsq
+
+
+@triton.jit
+def _gated_fwd_kernel(
+    x_ptr, xl_ptr, w_ptr, bias_ptr, a_ptr, y_ptr, u_ptr, hsq_ptr,
+    M, N, K, R, M_BUCKET, TILES_PER_PROG,
+    stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk,
+    stride_ar, stride_ak, stride_ym, stride_yn, stride_um, stride_ur,
+    HAS_XL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_g = _lk._grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(num_n, TILES_PER_PROG),
+                                    GROUP_M)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok, r_ok = rm < M, rr < R
+    hsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    first = pid_g * TILES_PER_PROG
+    # first tile (peeled, as in the LoRA forward): also the shrink, stored by the first group
+    rn = (first * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    n_ok = rn < N
+    acc, acc_u = _lk._fwd_mainloop(x_ptr, xl_ptr, w_ptr, a_ptr, rm, rn, rr, m_ok, n_ok, r_ok, K,
+                                   stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk,
+                                   stride_ar, stride_ak, True, HAS_XL, UPCAST, PRECISION,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+    if pid_g == 0:
+        tl.store(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur, acc_u.to(u_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & r_ok[None, :])
+    hsq = _gated_epilogue(acc, hsq, rm, rn, m_ok, n_ok, bias_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS)
+    for t in range(first + 1, tl.minimum(first + TILES_PER_PROG, num_n)):
+        rn = (t * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        n_ok = rn < N
+        acc, _ = _lk._fwd_mainloop(x_ptr, xl_ptr, w_ptr, a_ptr, rm, rn, rr, m_ok, n_ok, r_ok, K,
+                                   stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk,
+                                   stride_ar, stride_ak, False, HAS_XL, UPCAST, PRECISION,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+        hsq = _gated_epilogue(acc, hsq, rm, rn, m_ok, n_ok, bias_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS)
+    tl.store(hsq_ptr + pid_g * M + rm, hsq, mask=m_ok)
+
+
+@triton.jit
+def _gated_expand_kernel(
+    y_ptr, u_ptr, b_ptr, sel_ptr, M, N, R, scale,
+    stride_ym, stride_yn, stride_um, stride_ur, stride_bn, stride_br,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """y[i, cols] += scale · u_i Bᵀ for the selected rows i of this block (in place)."""
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m_ok = rm < M
+    sel = tl.load(sel_ptr + rm, mask=m_ok, other=0) != 0
+    if tl.max(sel.to(tl.int32), axis=0) == 0:  # no selected token in this row block: nothing to do
+        return
+    rn = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rr = tl.arange(0, BLOCK_R)
+    n_ok, r_ok = rn < N, rr < R
+    u = tl.load(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur, mask=sel[:, None] & r_ok[None, :],
+                other=0.0)
+    if PRECISION == "ieee":  # fp32 FMA dots: R rank-1 updates (see lora_linear._rank1_expand)
+        upd = _lk._rank1_expand(u, rr, b_ptr + rn * stride_bn, stride_br, n_ok, R, BLOCK_N)
+    else:
+        bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br, mask=r_ok[:, None] & n_ok[None, :],
+                     other=0.0)
+        if UPCAST:
+            upd = tl.dot(u.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)
+        else:
+            upd = tl.dot(u, bt, input_precision=PRECISION)
+    mask = sel[:, None] & n_ok[None, :]
+    ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, (y + scale * upd).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# The forward uses the LoRA forward's config families (same main loop), per exact BLOCK_R, less the configs
+# whose extra row-norm accumulator spills (compile report).
+_SPILLS = {("16", 32, (128, 128, 64)), ("16", 64, (64, 64, 64)), ("fp32", 16, (32, 64, 32)),
+           ("fp32", 32, (32, 64, 32)), ("fp32", 128, (128, 64, 16))}
+_FWD_FAMILIES = {
+    (cls, br): [c for c in cfgs if (cls, br, (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))
+                not in _SPILLS]
+    for (cls, bucket), cfgs in _lk._FWD_FAMILIES.items() for br in ((16, 32) if bucket == 32 else (bucket,))}
+_FWD = {fam: triton.autotune(configs=autotune_configs(cfgs, _lk._INTERP_FWD), key=["N", "K", "BLOCK_R", "M_BUCKET"])(
+    _gated_fwd_kernel) for fam, cfgs in _FWD_FAMILIES.items()}
+_EXPAND_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=1)
+                   for bm, bn, w in ((64, 128, 4), (32, 128, 4), (64, 64, 4))]
+_INTERP_EXPAND = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=1, num_stages=1)
+_EXPAND = triton.autotune(configs=autotune_configs(_EXPAND_CONFIGS, _INTERP_EXPAND), key=["N", "BLOCK_R"])(
+    _gated_expand_kernel)
+
+
+def gated_base(x, x_lora, weight, bias, lora_a):
+    """One ``_gated_fwd_kernel`` launch: ``y = x Wᵀ + bias`` (io dtype, or fp32 under the interpreter for
+    bf16), ``u = x_lora Aᵀ`` and ``hsq (G, M)`` fp32, the per-group partial row sums of ``h²``."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_a.shape[0]
+    odt = _lk._out_dtype(x.dtype)
+    y = empty_out((M, N), like=x, dtype=odt)
+    u = empty_out((M, R), like=x, dtype=odt)
+    BR = _lk._block_r(R)
+    fam = (_lk._dtype_class(x.dtype), BR)
+    first = _FWD_FAMILIES[fam][0].kwargs
+    tpp = _lk._tiles_per_prog(M, N, first["BLOCK_M"], first["BLOCK_N"], x.device)
+    groups = max(_cdiv(_cdiv(N, c.kwargs["BLOCK_N"]), tpp) for c in _FWD[fam].configs)
+    hsq = torch.zeros((groups, M), dtype=torch.float32, device=x.device)  # groups the chosen config skips stay 0
+    xl = x if x_lora is None else x_lora
+    grid = lambda meta: (  # noqa: E731
+        triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(triton.cdiv(N, meta["BLOCK_N"]), tpp),)
+    _FWD[fam][grid](
+        x, xl, weight, bias if bias is not None else x, lora_a, y, u, hsq,  # bias: dummy x never read
+        M, N, K, R, triton.next_power_of_2(M), tpp,
+        x.stride(0), x.stride(1), xl.stride(0), xl.stride(1), weight.stride(0), weight.stride(1),
+        lora_a.stride(0), lora_a.stride(1), y.stride(0), y.stride(1), u.stride(0), u.stride(1),
+        HAS_XL=x_lora is not None, HAS_BIAS=bias is not None, UPCAST=_lk._upcast(x.dtype),
+        PRECISION=_lk._precision(x.dtype), BLOCK_R=BR,
+    )
+    return y, u, hsq
+
+
+def gated_expand_(y, u, lora_b, selected, scale: float):
+    """One ``_gated_expand_kernel`` launch: ``y[i] += scale · u_i Bᵀ`` in place for selected rows i."""
+    M, N = y.shape
+    R = u.shape[1]
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    _EXPAND[grid](
+        y, u, lora_b, selected, M, N, R, float(scale),
+        y.stride(0), y.stride(1), u.stride(0), u.stride(1), lora_b.stride(0), lora_b.stride(1),
+        UPCAST=_lk._upcast(u.dtype), PRECISION=_lk._precision(u.dtype), BLOCK_R=_lk._block_r(R),
+    )
+    return y
+
+
+def gate(u, lora_b, hsq, scale: float, tau):
+    """``(ratio, selected)`` from ``u``, the ``R x R`` Gram of B and the row norms: nothing of size M x N."""
+    wd = torch.promote_types(u.dtype, torch.float32)
+    gram = lora_b.to(wd).t() @ lora_b.to(wd)
+    uw = u.to(wd)
+    mn = (scale * scale * ((uw @ gram) * uw).sum(1)).clamp(min=0).sqrt()
+    ratio = mn / hsq.sum(0).to(wd).sqrt().clamp(min=EPS)
+    return ratio, ratio >= tau.to(wd).clamp(min=0)
+
+
+def gated_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale: float, tau):
+    """(y, u, ratio, selected) of the fallback contract (``pyfastpeft.fallback.gated_lora_linear.fwd``)."""
+    M, N = x.shape[0], weight.shape[0]
+    if M == 0 or N == 0:  # nothing to launch: the torch contract handles the degenerate shapes
+        from pyfastpeft.fallback.gated_lora_linear import fwd
+
+        return fwd(x, x_lora, weight, bias, lora_a, lora_b, scale, tau)
+    y, u, hsq = gated_base(x, x_lora, weight, bias, lora_a)
+    u = _lk._finish(u, x.dtype)
+    ratio, selected = gate(u, lora_b, hsq, scale, tau)
+    gated_expand_(y, u, lora_b, selected, scale)
+    return _lk._finish(y, x.dtype), u, ratio, selected
+
+
+def gated_bwd(dy, x, x_lora, u, ratio, selected, weight, lora_a, lora_b, scale: float, tau, gate_width: float,
+              full: bool, dx_mode: int):
+    """(dx, dx_lora, dA, dB, dtau) of the fallback contract (``pyfastpeft.fallback.gated_lora_linear.bwd``)."""
+    dx, dxl, g_all = _lk.bwd_dx(dy, weight, lora_a, lora_b, scale, dx_mode, selected)
+    da = _lk.matmul_tn(g_all, x_lora, 1.0, selected=selected)  # selected rows only: the others are not read
+    db = _lk.matmul_tn(dy, u, scale, selected=selected)
+    wd = torch.promote_types(dy.dtype, torch.float32)
+    return finish_gate(dy, x, x_lora, u, ratio, weight, lora_a, lora_b, scale, tau, gate_width, full, dx_mode,
+                       g_all, da, db, dx if dx_mode else None, dxl if dx_mode == 2 else None, wd)
+
+
+# ----------------------------------------------------------------------------------------------- AOT specs
+def _aot_specs() -> list[AOTSpec]:
+    specs = []
+    for ty, cls, prec in (("bf16", "16", "tf32"), ("fp32", "fp32", "ieee")):
+        for BR in (16, 32, 64, 128):
+            for cfg in _FWD_FAMILIES[cls, BR]:
+                kw = cfg.kwargs
+                specs.append(_lk._spec(
+                    f"gated_fwd/{ty}/r{BR}/{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}", _gated_fwd_kernel,
+                    ["x_ptr", "xl_ptr", "w_ptr", "bias_ptr", "a_ptr", "y_ptr", "u_ptr"],
+                    ["M", "N", "K", "R", "M_BUCKET", "TILES_PER_PROG"],
+                    ["stride_xm", "stride_xk", "stride_xlm", "stride_xlk", "stride_wn", "stride_wk", "stride_ar",
+                     "stride_ak", "stride_ym", "stride_yn", "stride_um", "stride_ur"],
+                    ["stride_xk", "stride_xlk", "stride_wk", "stride_ak", "stride_yn", "stride_ur"],
+                    dict(HAS_XL=False, HAS_BIAS=True, UPCAST=False, PRECISION=prec, BLOCK_R=BR, **kw), cfg, ty))
+                specs[-1].signature["hsq_ptr"] = "*fp32"
+            for cfg in _EXPAND_CONFIGS:
+                kw = cfg.kwargs
+                spec = _lk._spec(
+                    f"gated_expand/{ty}/r{BR}/{kw['BLOCK_M']}x{kw['BLOCK_N']}", _gated_expand_kernel,
+                    ["y_ptr", "u_ptr", "b_ptr"], ["M", "N", "R"],
+                    ["stride_ym", "stride_yn", "stride_um", "stride_ur", "stride_bn", "stride_br"],
+                    ["stride_yn", "stride_ur", "stride_br"],
+                    dict(UPCAST=False, PRECISION=prec, BLOCK_R=BR, **kw), cfg, ty)
+                spec.signature["sel_ptr"] = "*i1"
+                specs.append(spec)
+    return specs
+
+
+AOT_SPECS = _aot_specs()
