@@ -1,7 +1,7 @@
 """Declared cost of each token-selective LoRA Triton launch: FLOPs and unique HBM bytes (read, write).
 
 Same conventions as ``_lora_linear_cost`` (unique bytes; checked against the interpreter's loads and
-stores by ``tests/ops/test_gated_lora_linear_cost.py``).
+stores by ``tests/ops/test_lora_linear_cost.py``).
 """
 from __future__ import annotations
 
