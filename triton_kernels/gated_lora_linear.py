@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from pyfastpeft._alloc import empty_out
-from pyfastpeft.fallback.gated_lora_linear import EPS, finish_gate
+from pyfastpeft.fallback.gated_lora_linear import EPS, _wide, finish_gate
 from pyfastpeft.triton_kernels import lora_linear as _lk
 from pyfastpeft.triton_kernels._config import AOTSpec, autotune_configs
 from pyfastpeft.triton_kernels._lora_linear_cost import _cdiv
@@ -180,7 +180,7 @@ def gated_expand_(y, u, lora_b, selected, scale: float):
 
 def gate(u, lora_b, hsq, scale: float, tau):
     """``(ratio, selected)`` from ``u``, the ``R x R`` Gram of B and the row norms: nothing of size M x N."""
-    wd = torch.promote_types(u.dtype, torch.float32)
+    wd = _wide(u.dtype)
     gram = lora_b.to(wd).t() @ lora_b.to(wd)
     uw = u.to(wd)
     mn = (scale * scale * ((uw @ gram) * uw).sum(1)).clamp(min=0).sqrt()
@@ -208,9 +208,8 @@ def gated_bwd(dy, x, x_lora, u, ratio, selected, weight, lora_a, lora_b, scale: 
     dx, dxl, g_all = _lk.bwd_dx(dy, weight, lora_a, lora_b, scale, dx_mode, selected)
     da = _lk.matmul_tn(g_all, x_lora, 1.0, selected=selected)  # selected rows only: the others are not read
     db = _lk.matmul_tn(dy, u, scale, selected=selected)
-    wd = torch.promote_types(dy.dtype, torch.float32)
     return finish_gate(dy, x, x_lora, u, ratio, weight, lora_a, lora_b, scale, tau, gate_width, full, dx_mode,
-                       g_all, da, db, dx if dx_mode else None, dxl if dx_mode == 2 else None, wd)
+                       g_all, da, db, dx if dx_mode else None, dxl if dx_mode == 2 else None)
 
 
 # ----------------------------------------------------------------------------------------------- AOT specs

@@ -73,7 +73,6 @@ def full_terms(c: Tensor, win: Tensor, x: Tensor, x_lora: Tensor, u: Tensor, rat
 def bwd(dy: Tensor, x: Tensor, x_lora: Tensor, u: Tensor, ratio: Tensor, selected: Tensor, weight: Tensor,
         lora_a: Tensor, lora_b: Tensor, scale: float, tau: Tensor, gate_width: float, full: bool, dx_mode: int
         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    wd = _wide(dy.dtype)
     s_col = selected.to(dy.dtype)[:, None]
     g_all = torch.mm(dy, lora_b).mul_(scale)  # s · dy B on every row (the τ gradient needs all window rows)
     g = g_all * s_col
@@ -82,14 +81,15 @@ def bwd(dy: Tensor, x: Tensor, x_lora: Tensor, u: Tensor, ratio: Tensor, selecte
     dx = torch.mm(dy, weight) if dx_mode else None
     dxl = torch.mm(g, lora_a) if dx_mode else None
     return finish_gate(dy, x, x_lora, u, ratio, weight, lora_a, lora_b, scale, tau, gate_width, full, dx_mode,
-                       g_all, da, db, dx, dxl, wd)
+                       g_all, da, db, dx, dxl)
 
 
 def finish_gate(dy, x, x_lora, u, ratio, weight, lora_a, lora_b, scale, tau, gate_width, full, dx_mode,
-                g_all, da, db, dx, dxl, wd):
+                g_all, da, db, dx, dxl):
     """The τ gradient and the ``"full"`` terms, shared by every backend (they touch only (M, R) tensors and
     the window rows). ``dx`` / ``dx_lora`` come from the selected-rows LoRA backward; in mode 1 ``dx_lora``
     may be None when ``dx`` already holds it (a fused kernel)."""
+    wd = _wide(dy.dtype)
     dym = (g_all.to(wd) * u.to(wd)).sum(1)  # ⟨dy_i, m_i⟩
     w = tau_window(ratio, tau, gate_width, wd)
     dtau = -(w * dym).sum().to(tau.dtype)

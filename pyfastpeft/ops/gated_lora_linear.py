@@ -27,7 +27,7 @@ from torch import Tensor
 from pyfastpeft._backend import Backend, OpRegistry
 from pyfastpeft.fallback import gated_lora_linear as _fallback
 from pyfastpeft.ops.lora_linear import (_ORDER, _compute_dtype, _triton_available, _triton_devices, _triton_why,
-                                       lora_linear, validate_lora_args)
+                                       launch, lora_linear, validate_lora_args)
 
 FWD = OpRegistry("gated_lora_linear_fwd", public="gated_lora_linear", order=_ORDER)
 BWD = OpRegistry("gated_lora_linear_bwd", public="gated_lora_linear", order=_ORDER)
@@ -193,30 +193,22 @@ def modeled_selection(fraction: float):
         _MODEL["selected_fraction"] = old
 
 
-def _tc(dtype) -> bool:
-    return dtype in (torch.float16, torch.bfloat16)
-
-
 def _fwd_cost(args, kwargs, outputs):
     """The Triton forward: base GEMM + shrink + row norms, the gate on (M, R) tensors, the selected-rows expand."""
-    from pyfastpeft.perf import Launch
     from pyfastpeft.triton_kernels._gated_lora_linear_cost import gated_base_cost, gated_expand_cost
 
     x, x_lora, weight, bias, lora_a = args[:5]
     (M, K), N, R, s = x.shape, weight.shape[0], lora_a.shape[0], x.element_size()
     sel = round(_MODEL["selected_fraction"] * M)
-    base = gated_base_cost(M, N, K, R, s, has_bias=bias is not None, has_xl=x_lora is not None)
-    exp = gated_expand_cost(M, sel, N, R, s)
-    gate_flops = 2 * N * R * R + 2 * M * R * R + 6 * M
-    gate_bytes = (M * R + N * R) * s + 4 * M * 3 + M
-    return [Launch("triton:gated_base", base["flops"], base["read"] + base["write"], x.dtype, _tc(x.dtype)),
-            Launch("torch:gate (Gram, norms, compare)", gate_flops, gate_bytes, torch.float32, False),
-            Launch("triton:gated_expand", exp["flops"], exp["read"] + exp["write"], x.dtype, _tc(x.dtype))]
+    gate = dict(flops=2 * N * R * R + 2 * M * R * R + 6 * M, read=(M * R + N * R) * s, write=4 * M * 3 + M)
+    return [launch("triton:gated_base", gated_base_cost(M, N, K, R, s, has_bias=bias is not None,
+                                                        has_xl=x_lora is not None), x.dtype),
+            launch("torch:gate (Gram, norms, compare)", gate, torch.float32),
+            launch("triton:gated_expand", gated_expand_cost(M, sel, N, R, s), x.dtype)]
 
 
 def _bwd_cost(args, kwargs, outputs):
     """The Triton backward: the LoRA dx kernel with the selection, dA and dB reductions, the τ gradient."""
-    from pyfastpeft.perf import Launch
     from pyfastpeft.triton_kernels._lora_linear_cost import bwd_dx_cost, tn_cost
 
     dy, x, x_lora, u = args[:4]
@@ -224,12 +216,11 @@ def _bwd_cost(args, kwargs, outputs):
     dx_mode = args[13]
     (M, N), K, R, s = dy.shape, weight.shape[1], lora_a.shape[0], dy.element_size()
     sel = round(_MODEL["selected_fraction"] * M)
-    dx = bwd_dx_cost(M, N, K, R, s, dx_mode=dx_mode, has_sel=True)
-    da, db = tn_cost(M, R, K, s, selected=sel), tn_cost(M, N, R, s, selected=sel)
-    return [Launch("triton:lora_bwd_dx(sel)", dx["flops"], dx["read"] + dx["write"], dy.dtype, _tc(dy.dtype)),
-            Launch("triton:matmul_tn(dA)", da["flops"], da["read"] + da["write"], dy.dtype, _tc(dy.dtype)),
-            Launch("triton:matmul_tn(dB)", db["flops"], db["read"] + db["write"], dy.dtype, _tc(dy.dtype)),
-            Launch("torch:tau grad (M, R)", 4 * M * R, 2 * M * R * s + 4 * M * 2, torch.float32, False)]
+    tau_grad = dict(flops=4 * M * R, read=2 * M * R * s, write=4 * M * 2)
+    return [launch("triton:lora_bwd_dx(sel)", bwd_dx_cost(M, N, K, R, s, dx_mode=dx_mode, has_sel=True), dy.dtype),
+            launch("triton:matmul_tn(dA)", tn_cost(M, R, K, s, selected=sel), dy.dtype),
+            launch("triton:matmul_tn(dB)", tn_cost(M, N, R, s, selected=sel), dy.dtype),
+            launch("torch:tau grad (M, R)", tau_grad, torch.float32)]
 
 
 def _register_costs() -> None:

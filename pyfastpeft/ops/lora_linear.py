@@ -298,34 +298,33 @@ def explain_args(x, weight, bias, lora_a, lora_b, scale, *, dropout_p=0.0, backe
 
 
 # --------------------------------------------------------------------------------------------- cost model
-def _tc(dtype) -> bool:
-    return dtype in (torch.float16, torch.bfloat16)
+def launch(name: str, cost: dict, dtype: torch.dtype):
+    """A ``pfp.perf.Launch`` from a declared cost dict (flops, read, write); fp16/bf16 run on tensor cores."""
+    from pyfastpeft.perf import Launch
+
+    return Launch(name, cost["flops"], cost["read"] + cost["write"], dtype, dtype in (torch.float16, torch.bfloat16))
 
 
 def _fwd_cost(args, kwargs, outputs):
     """Launches of the Triton forward (the GPU fast path), for ``pfp.perf.count``."""
-    from pyfastpeft.perf import Launch
     from pyfastpeft.triton_kernels._lora_linear_cost import fwd_cost
 
     x, x_lora, weight, bias, lora_a = args[:5]
     (M, K), N, R = x.shape, weight.shape[0], lora_a.shape[0]
     c = fwd_cost(M, N, K, R, x.element_size(), has_bias=bias is not None, has_xl=x_lora is not None)
-    return [Launch("triton:lora_fwd", c["flops"], c["read"] + c["write"], x.dtype, _tc(x.dtype))]
+    return [launch("triton:lora_fwd", c, x.dtype)]
 
 
 def _bwd_cost(args, kwargs, outputs):
     """Launches of the Triton backward: the fused dx kernel and the two weight-gradient GEMMs."""
-    from pyfastpeft.perf import Launch
     from pyfastpeft.triton_kernels._lora_linear_cost import bwd_dx_cost, tn_cost
 
     dy, x_lora, u, weight, lora_a = args[:5]
     dx_mode = args[7]
     (M, N), K, R, s = dy.shape, weight.shape[1], lora_a.shape[0], dy.element_size()
-    dx = bwd_dx_cost(M, N, K, R, s, dx_mode=dx_mode)
-    da, db = tn_cost(M, R, K, s), tn_cost(M, N, R, s)
-    return [Launch("triton:lora_bwd_dx", dx["flops"], dx["read"] + dx["write"], dy.dtype, _tc(dy.dtype)),
-            Launch("triton:matmul_tn(dA)", da["flops"], da["read"] + da["write"], dy.dtype, _tc(dy.dtype)),
-            Launch("triton:matmul_tn(dB)", db["flops"], db["read"] + db["write"], dy.dtype, _tc(dy.dtype))]
+    return [launch("triton:lora_bwd_dx", bwd_dx_cost(M, N, K, R, s, dx_mode=dx_mode), dy.dtype),
+            launch("triton:matmul_tn(dA)", tn_cost(M, R, K, s), dy.dtype),
+            launch("triton:matmul_tn(dB)", tn_cost(M, N, R, s), dy.dtype)]
 
 
 def _register_costs() -> None:
