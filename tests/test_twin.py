@@ -144,7 +144,7 @@ def test_op_without_check_is_disabled(tmp_path, monkeypatch):
 
 
 def test_registry_covers_the_extension_ops():
-    assert {"lora_shrink", "lora_expand_add_"} <= set(_twin.TWIN_CHECKS)
+    assert {"lora_shrink", "lora_expand_add_", "gated_gate", "gated_expand_add_"} <= set(_twin.TWIN_CHECKS)
 
 
 # The real check functions, run on CPU with torch stand-ins for the CUDA ops: an honest fp32-accumulating
@@ -188,3 +188,58 @@ def test_expand_check_function():
     assert _twin.check_lora_expand_add_(CPU, op=_expand_ok) <= _twin.THRESHOLD / 4
     assert _twin.check_lora_expand_add_(CPU, op=_expand_ignores_scale) > _twin.THRESHOLD
     assert _twin.check_lora_expand_add_(CPU, op=_expand_writes_past_n) == math.inf
+
+
+def _gate_ok(u, gram, hsq, tau, scale):
+    uf = u.float()
+    ratio = scale * ((uf @ gram) * uf).sum(1).clamp(min=0).sqrt() / hsq.sum(0).sqrt().clamp(min=1e-6)
+    sel = ratio >= tau.clamp(min=0)
+    index = torch.full((u.shape[0],), -7, dtype=torch.int32)
+    rows = torch.nonzero(sel).flatten()
+    index[: rows.numel()] = rows.int()
+    return ratio, sel, index, torch.tensor([rows.numel()], dtype=torch.int32)
+
+
+def _gate_strict_compare(u, gram, hsq, tau, scale):  # ties at τ not selected
+    ratio, _, index, _ = _gate_ok(u, gram, hsq, tau, scale)
+    sel = ratio > tau.clamp(min=0)
+    rows = torch.nonzero(sel).flatten()
+    index[: rows.numel()] = rows.int()
+    return ratio, sel, index, torch.tensor([rows.numel()], dtype=torch.int32)
+
+
+def _gate_unstable(u, gram, hsq, tau, scale):  # the right set of rows, not in increasing order
+    ratio, sel, index, count = _gate_ok(u, gram, hsq, tau, scale)
+    n = int(count[0])
+    index[:n] = index[:n].flip(0)
+    return ratio, sel, index, count
+
+
+def _gate_ignores_scale(u, gram, hsq, tau, scale):
+    return _gate_ok(u, gram, hsq, tau, 1.0)
+
+
+def _gexpand_ok(y, u, b, index, count, scale):
+    rows = index[: int(count[0])].long()
+    y[rows] = (y[rows].float() + scale * (u[rows].float() @ b.float().T)).to(y.dtype)
+
+
+def _gexpand_all_rows(y, u, b, index, count, scale):  # ignores the selection
+    _expand_ok(y, u, b, scale)
+
+
+def _gexpand_reads_past_count(y, u, b, index, count, scale):
+    _gexpand_ok(y, u, b, index, torch.tensor([min(int(count[0]) + 1, y.shape[0])]), scale)
+
+
+def test_gate_check_function():
+    assert _twin.check_gated_gate(CPU, op=_gate_ok) <= _twin.THRESHOLD / 4
+    assert _twin.check_gated_gate(CPU, op=_gate_strict_compare) == math.inf
+    assert _twin.check_gated_gate(CPU, op=_gate_unstable) == math.inf
+    assert _twin.check_gated_gate(CPU, op=_gate_ignores_scale) > _twin.THRESHOLD
+
+
+def test_gated_expand_check_function():
+    assert _twin.check_gated_expand_add_(CPU, op=_gexpand_ok) <= _twin.THRESHOLD / 4
+    assert _twin.check_gated_expand_add_(CPU, op=_gexpand_all_rows) > _twin.THRESHOLD
+    assert _twin.check_gated_expand_add_(CPU, op=_gexpand_reads_past_count) > _twin.THRESHOLD

@@ -6,19 +6,24 @@ Maths: ``specs/token_selective.md``. 2-D ``x (M, K)``, ``W (N, K)``, ``A (R, K)`
   same x tiles, ``TILES_PER_PROG`` N tiles per program sharing one shrink), but its epilogue writes
   ``y = h + bias`` and the partial row sums of ``h²`` of its tiles (``hsq (G, M)`` fp32, one row per program
   group): the norms of the frozen output come out of the base GEMM, and ``h`` is never re-read.
-* the gate (torch, on ``(M, R)`` and ``(R, R)`` tensors only): ``‖m_i‖² = s² u_iᵀ (BᵀB) u_i``,
-  ``r_i = ‖m_i‖ / max(‖h_i‖, ε)``, ``S_i = r_i ≥ max(τ, 0)``.
-* ``_gated_expand_kernel``: ``y_i += s · u_i Bᵀ`` on selected rows only. Row blocks without a selected
-  token return at once; masked-off rows move no bytes, so the expand's traffic is ∝ the selected fraction.
+* ``_gate_kernel`` (row blocks): ``‖m_i‖² = s² u_iᵀ (BᵀB) u_i`` from ``u`` and the ``R x R`` Gram of B,
+  ``r_i = ‖m_i‖ / max(‖h_i‖, ε)``, ``S_i = r_i ≥ max(τ, 0)``; then ``_compact_kernel`` (one program, one
+  byte per row) writes the stable compaction of the selected row indices (in-block prefix sums plus a
+  running count; the count stays on the device).
+* ``_gated_expand_kernel``: ``y_i += s · u_i Bᵀ`` for ``i`` in the compacted list, gathered by index (as
+  vLLM's LoRA kernels gather their sorted tokens): programs past the count return at once, so the
+  expand's work and traffic are ∝ the selected rows.
 * backward: the LoRA dx kernel with ``HAS_SEL`` (``dx = dy W + (S ⊙ g) A`` in one GEMM over the
   concatenated reduction, ``g = s · dy B`` stored for every row), then ``dA = (S ⊙ g)ᵀ x_lora`` and
   ``dB = s · dyᵀ (S ⊙ u)`` with the LoRA reduction kernel over selected rows only (unselected rows of x and
   dy are never read), and the τ surrogate gradient from ``g · u`` (``(M, R)`` tensors) via
   ``pyfastpeft.fallback.gated_lora_linear.finish_gate``.
 
-Not fused yet (the spec's §5 asks for them): a stable compaction of the selected row indices (the expand
-and the reductions still run programs over every row block; skipped rows cost no memory traffic but their
-programs run), and the gate itself as one kernel (it is a few torch ops on (M, R) tensors). Limits as the LoRA kernels: ``R <= 128``, fp32/fp16/bf16.
+Not fused yet: the backward's kernels still take the selection as per-row flags (programs run over every
+row block; unselected rows move no bytes, but their programs run) rather than the compacted list; the
+Gram ``BᵀB`` is a torch matmul on ``(N, R)``; gate and compaction are two launches (the compaction is
+one program: 8 KB of flags at M = 8192, but it grows linearly with M). Limits as the LoRA kernels: ``R <= 128``,
+fp32/fp16/bf16.
 """
 from __future__ import annotations
 
@@ -27,9 +32,9 @@ import triton
 import triton.language as tl
 
 from pyfastpeft._alloc import empty_out
-from pyfastpeft.fallback.gated_lora_linear import EPS, _wide, finish_gate
+from pyfastpeft.fallback.gated_lora_linear import EPS, finish_gate
 from pyfastpeft.triton_kernels import lora_linear as _lk
-from pyfastpeft.triton_kernels._config import AOTSpec, autotune_configs
+from pyfastpeft.triton_kernels._config import AOTSpec, autotune_configs, interpreting
 from pyfastpeft.triton_kernels._lora_linear_cost import _cdiv
 
 supports = _lk.supports
@@ -88,22 +93,66 @@ def _gated_fwd_kernel(
 
 
 @triton.jit
+def _gate_kernel(
+    u_ptr, g_ptr, hsq_ptr, tau_ptr, ratio_ptr, sel_ptr, M, R, G, scale,
+    stride_um, stride_ur, EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    """The gate of one row block: ``‖m_i‖`` from ``u_i`` and the Gram ``BᵀB`` (``g_ptr``, R x R fp32),
+    ``‖h_i‖`` from the ``G`` partial sums of ``h²``, ``r_i`` and ``S_i = r_i ≥ max(τ, 0)`` (all fp32)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok, r_ok = rm < M, rr < R
+    u_rows = u_ptr + rm.to(tl.int64)[:, None] * stride_um
+    u = tl.load(u_rows + rr[None, :] * stride_ur, mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+    q = tl.zeros((BLOCK_M,), dtype=tl.float32)  # u_iᵀ (BᵀB) u_i, BLOCK_J Gram columns at a time (no spills)
+    for j0 in range(0, R, BLOCK_J):
+        rj = j0 + tl.arange(0, BLOCK_J)
+        j_ok = rj < R
+        gram = tl.load(g_ptr + rr[:, None] * R + rj[None, :], mask=r_ok[:, None] & j_ok[None, :], other=0.0)
+        u_j = tl.load(u_rows + rj[None, :] * stride_ur, mask=m_ok[:, None] & j_ok[None, :], other=0.0)
+        q += tl.sum(tl.dot(u, gram, input_precision="ieee") * u_j.to(tl.float32), axis=1)
+    ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for g in range(0, G):
+        ss += tl.load(hsq_ptr + g * M + rm, mask=m_ok, other=0.0)
+    ratio = tl.sqrt(tl.maximum(scale * scale * q, 0.0)) / tl.maximum(tl.sqrt(ss), EPS)
+    sel = ratio >= tl.maximum(tl.load(tau_ptr).to(tl.float32), 0.0)
+    tl.store(ratio_ptr + rm, ratio, mask=m_ok)
+    tl.store(sel_ptr + rm, sel.to(tl.uint8), mask=m_ok)
+
+
+@triton.jit
+def _compact_kernel(sel_ptr, idx_ptr, cnt_ptr, M, BLOCK: tl.constexpr):
+    """Stable compaction in one program (grid (1,)): the selected row indices in increasing order (an
+    in-block prefix sum plus the running count), then the count. Reads one byte per row."""
+    count = tl.zeros((), dtype=tl.int32)
+    for m0 in range(0, M, BLOCK):
+        rm = m0 + tl.arange(0, BLOCK)
+        s32 = tl.load(sel_ptr + rm, mask=rm < M, other=0).to(tl.int32)
+        tl.store(idx_ptr + count + tl.cumsum(s32, axis=0) - 1, rm, mask=s32 != 0)
+        count += tl.sum(s32, axis=0)
+    tl.store(cnt_ptr, count)
+
+
+@triton.jit
 def _gated_expand_kernel(
-    y_ptr, u_ptr, b_ptr, sel_ptr, M, N, R, scale,
+    y_ptr, u_ptr, b_ptr, idx_ptr, cnt_ptr, N, R, scale,
     stride_ym, stride_yn, stride_um, stride_ur, stride_bn, stride_br,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """y[i, cols] += scale · u_i Bᵀ for the selected rows i of this block (in place)."""
-    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    m_ok = rm < M
-    sel = tl.load(sel_ptr + rm, mask=m_ok, other=0) != 0
-    if tl.max(sel.to(tl.int32), axis=0) == 0:  # no selected token in this row block: nothing to do
+    """y[i, cols] += scale · u_i Bᵀ for the selected rows i = idx[j], j in this program's slice of the
+    compacted list (in place). Programs past the count return at once: the work is ∝ the selected rows."""
+    j = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    count = tl.load(cnt_ptr)
+    if tl.program_id(0) * BLOCK_M >= count:
         return
+    j_ok = j < count
+    rm = tl.load(idx_ptr + j, mask=j_ok, other=0).to(tl.int64)
     rn = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rr = tl.arange(0, BLOCK_R)
     n_ok, r_ok = rn < N, rr < R
-    u = tl.load(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur, mask=sel[:, None] & r_ok[None, :],
+    u = tl.load(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur, mask=j_ok[:, None] & r_ok[None, :],
                 other=0.0)
     if PRECISION == "ieee":  # fp32 FMA dots: R rank-1 updates (see lora_linear._rank1_expand)
         upd = _lk._rank1_expand(u, rr, b_ptr + rn * stride_bn, stride_br, n_ok, R, BLOCK_N)
@@ -114,7 +163,7 @@ def _gated_expand_kernel(
             upd = tl.dot(u.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)
         else:
             upd = tl.dot(u, bt, input_precision=PRECISION)
-    mask = sel[:, None] & n_ok[None, :]
+    mask = j_ok[:, None] & n_ok[None, :]
     ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
     y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(ptrs, (y + scale * upd).to(y_ptr.dtype.element_ty), mask=mask)
@@ -165,27 +214,52 @@ def gated_base(x, x_lora, weight, bias, lora_a):
     return y, u, hsq
 
 
-def gated_expand_(y, u, lora_b, selected, scale: float):
-    """One ``_gated_expand_kernel`` launch: ``y[i] += scale · u_i Bᵀ`` in place for selected rows i."""
+def gated_expand_(y, u, lora_b, index, count, scale: float):
+    """One ``_gated_expand_kernel`` launch: ``y[i] += scale · u_i Bᵀ`` in place for ``i = index[j]``,
+    ``j < count`` (``count`` a 1-element int32 tensor on the device: no host sync)."""
     M, N = y.shape
     R = u.shape[1]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
     _EXPAND[grid](
-        y, u, lora_b, selected, M, N, R, float(scale),
+        y, u, lora_b, index, count, N, R, float(scale),
         y.stride(0), y.stride(1), u.stride(0), u.stride(1), lora_b.stride(0), lora_b.stride(1),
         UPCAST=_lk._upcast(u.dtype), PRECISION=_lk._precision(u.dtype), BLOCK_R=_lk._block_r(R),
     )
     return y
 
 
+def gate_block_m(R: int) -> int:
+    """Rows per gate program: a (BLOCK_M, BLOCK_R) fp32 tile of u of ~2K values (no spills, compile report)."""
+    return 16 if interpreting() else max(16, min(128, 2048 // _lk._block_r(R)))
+
+
+_GATE_CONFIG = triton.Config({}, num_warps=8, num_stages=1)
+_COMPACT_CONFIG = triton.Config({}, num_warps=8, num_stages=1)
+
+
+def compact_block(M: int) -> int:
+    return 32 if interpreting() else 1024
+
+
 def gate(u, lora_b, hsq, scale: float, tau):
-    """``(ratio, selected)`` from ``u``, the ``R x R`` Gram of B and the row norms: nothing of size M x N."""
-    wd = _wide(u.dtype)
-    gram = lora_b.to(wd).t() @ lora_b.to(wd)
-    uw = u.to(wd)
-    mn = (scale * scale * ((uw @ gram) * uw).sum(1)).clamp(min=0).sqrt()
-    ratio = mn / hsq.sum(0).to(wd).sqrt().clamp(min=EPS)
-    return ratio, ratio >= tau.to(wd).clamp(min=0)
+    """``(ratio (M,) fp32, selected (M,) bool, index (M,) int32, count (1,) int32)``; ``index[:count]`` are
+    the selected rows in increasing order, the count stays on the device (no host sync). Two launches: the
+    gate over row blocks (reads ``u``, the ``R x R`` Gram of B, a torch matmul on ``(N, R)``, and
+    ``hsq (G, M)``: nothing of size M x N), then the one-program compaction of the flags."""
+    M, R = u.shape
+    gram = lora_b.float().t() @ lora_b.float()
+    ratio = empty_out((M,), like=u, dtype=torch.float32)
+    selected = torch.empty((M,), dtype=torch.bool, device=u.device)
+    index = empty_out((M,), like=u, dtype=torch.int32)
+    count = torch.empty((1,), dtype=torch.int32, device=u.device)
+    BM = gate_block_m(R)
+    _gate_kernel[(triton.cdiv(M, BM),)](u, gram, hsq, tau, ratio, selected.view(torch.uint8), M, R, hsq.shape[0],
+                                       float(scale), u.stride(0), u.stride(1), EPS=EPS, BLOCK_M=BM,
+                                       BLOCK_R=_lk._block_r(R), BLOCK_J=min(32, _lk._block_r(R)),
+                                       num_warps=_GATE_CONFIG.num_warps)
+    _compact_kernel[(1,)](selected.view(torch.uint8), index, count, M, BLOCK=compact_block(M),
+                          num_warps=_COMPACT_CONFIG.num_warps)
+    return ratio, selected, index, count
 
 
 def gated_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale: float, tau):
@@ -197,8 +271,8 @@ def gated_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale: float, tau):
         return fwd(x, x_lora, weight, bias, lora_a, lora_b, scale, tau)
     y, u, hsq = gated_base(x, x_lora, weight, bias, lora_a)
     u = _lk._finish(u, x.dtype)
-    ratio, selected = gate(u, lora_b, hsq, scale, tau)
-    gated_expand_(y, u, lora_b, selected, scale)
+    ratio, selected, index, count = gate(u, lora_b, hsq, scale, tau)
+    gated_expand_(y, u, lora_b, index, count, scale)
     return _lk._finish(y, x.dtype), u, ratio, selected
 
 
@@ -232,12 +306,21 @@ def _aot_specs() -> list[AOTSpec]:
                 kw = cfg.kwargs
                 spec = _lk._spec(
                     f"gated_expand/{ty}/r{BR}/{kw['BLOCK_M']}x{kw['BLOCK_N']}", _gated_expand_kernel,
-                    ["y_ptr", "u_ptr", "b_ptr"], ["M", "N", "R"],
+                    ["y_ptr", "u_ptr", "b_ptr"], ["N", "R"],
                     ["stride_ym", "stride_yn", "stride_um", "stride_ur", "stride_bn", "stride_br"],
                     ["stride_yn", "stride_ur", "stride_br"],
                     dict(UPCAST=False, PRECISION=prec, BLOCK_R=BR, **kw), cfg, ty)
-                spec.signature["sel_ptr"] = "*i1"
+                spec.signature.update(idx_ptr="*i32", cnt_ptr="*i32")
                 specs.append(spec)
+            BM = max(16, min(128, 2048 // BR))  # gate_block_m(R) off the interpreter
+            spec = _lk._spec(f"gate/{ty}/r{BR}/{BM}", _gate_kernel, ["u_ptr"], ["M", "R", "G"],
+                             ["stride_um", "stride_ur"], ["stride_ur"], dict(EPS=EPS, BLOCK_M=BM, BLOCK_R=BR, BLOCK_J=min(32, BR)),
+                             _GATE_CONFIG, ty)
+            spec.signature.update(g_ptr="*fp32", hsq_ptr="*fp32", tau_ptr="*fp32", ratio_ptr="*fp32", sel_ptr="*u8")
+            specs.append(spec)
+    spec = _lk._spec("compact/1024", _compact_kernel, [], ["M"], [], [], dict(BLOCK=1024), _COMPACT_CONFIG, "u8")
+    spec.signature.update(sel_ptr="*u8", idx_ptr="*i32", cnt_ptr="*i32")
+    specs.append(spec)
     return specs
 
 

@@ -111,9 +111,9 @@ void lora_expand_add_cuda(const at::Tensor& y, const at::Tensor& u_in, const at:
   const dim3 grid(static_cast<unsigned>(grid_m), static_cast<unsigned>(grid_n));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   PFP_DISPATCH_FLOATING(y.scalar_type(), "lora_expand_add_", [&] {
-    lora_expand_add_kernel<scalar_t><<<grid, kExpandThreads, 0, stream>>>(
+    lora_expand_add_kernel<scalar_t, false><<<grid, kExpandThreads, 0, stream>>>(
         y.mutable_data_ptr<scalar_t>(), y.stride(0), u.const_data_ptr<scalar_t>(),
-        b.const_data_ptr<scalar_t>(), static_cast<float>(scale), M, N, R);
+        b.const_data_ptr<scalar_t>(), static_cast<float>(scale), M, N, R, nullptr, nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -15,7 +15,8 @@
 // registers (lane-consecutive, so global loads are coalesced and shared reads conflict-free) and
 // accumulates 2 x RT partial sums; a butterfly warp reduction finishes each dot product.
 //
-// expand_add: a block of 128 threads owns a 32-row x 128-column tile of y, one column per thread.
+// expand_add: a block of 128 threads owns a 32-row x 128-column tile of y, one column per thread
+// (GATHER: 32 rows of a compacted list of row indices, for token-selective LoRA).
 // R is walked in tiles of 32: the (128 x 32) slice of b is staged transposed (padded by one column,
 // so the transposing stores are conflict-free) and the (32 x 32) slice of u is read as float4
 // broadcasts; each thread keeps 32 fp32 accumulators and finally does y = y + scale * acc with
@@ -113,16 +114,27 @@ __global__ void __launch_bounds__(kShrinkThreads)
   }
 }
 
-template <typename scalar_t>
+// GATHER (token-selective LoRA): block rows are positions j of a compacted row list; row j is
+// index[j] of y and u, and only j < *count is computed (count read on the device: no host sync; blocks
+// past it return at once, so the work is proportional to the selected rows).
+template <typename scalar_t, bool GATHER>
 __global__ void __launch_bounds__(kExpandThreads)
     lora_expand_add_kernel(scalar_t* __restrict__ y, int64_t stride_y_m,
                            const scalar_t* __restrict__ u, const scalar_t* __restrict__ b,
-                           float scale, int64_t M, int64_t N, int64_t R) {
+                           float scale, int64_t M, int64_t N, int64_t R,
+                           const int32_t* __restrict__ index, const int32_t* __restrict__ count) {
   __shared__ float b_s[kExpandRTile][kExpandThreads + 1];         // +1: conflict-free transpose
   __shared__ __align__(16) float u_s[kExpandRows][kExpandRTile];  // rows read as float4
+  __shared__ int64_t row_s[kExpandRows];                          // row of y / u for each block row
 
   const int t = threadIdx.x;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kExpandRows;
+  if (GATHER) M = *count;  // every thread reads the same value: a uniform early exit
+  if (m0 >= M) return;
+  for (int i = t; i < kExpandRows; i += kExpandThreads) {
+    row_s[i] = (m0 + i < M) ? (GATHER ? static_cast<int64_t>(index[m0 + i]) : m0 + i) : 0;
+  }
+  __syncthreads();
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kExpandThreads;
   const int64_t n = n0 + t;
 
@@ -145,7 +157,7 @@ __global__ void __launch_bounds__(kExpandThreads)
       const int r = idx % kExpandRTile;
       const int64_t gm = m0 + mm;
       const int64_t gr = rb + r;
-      u_s[mm][r] = (gm < M && gr < R) ? static_cast<float>(u[gm * R + gr]) : 0.f;
+      u_s[mm][r] = (gm < M && gr < R) ? static_cast<float>(u[row_s[mm] * R + gr]) : 0.f;
     }
     __syncthreads();
 #pragma unroll 2
@@ -169,9 +181,8 @@ __global__ void __launch_bounds__(kExpandThreads)
   if (n < N) {
 #pragma unroll
     for (int i = 0; i < kExpandRows; ++i) {
-      const int64_t m = m0 + i;
-      if (m < M) {
-        scalar_t* p = y + m * stride_y_m + n;
+      if (m0 + i < M) {
+        scalar_t* p = y + row_s[i] * stride_y_m + n;
         *p = static_cast<scalar_t>(static_cast<float>(*p) + scale * acc[i]);
       }
     }

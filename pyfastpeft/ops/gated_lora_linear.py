@@ -10,8 +10,8 @@ straight-through (see ``pyfastpeft.reference.gated_lora_linear``).
 
 Backends: ``triton`` (``pyfastpeft.triton_kernels.gated_lora_linear``: the row norms of the frozen output in
 the base GEMM's epilogue, the expand on selected rows only, the selected-rows backward in the LoRA dx kernel)
-and ``torch`` (``pyfastpeft.fallback.gated_lora_linear``). No CUDA C++ kernels yet: forcing ``cuda`` raises
-``BackendUnavailable``.
+``cuda`` (cuBLAS plus ``pyfastpeft._C``'s shrink, gate with stable compaction and gathered expand; see
+``csrc/lora/gated.cu``; its backward is the torch one) and ``torch`` (``pyfastpeft.fallback.gated_lora_linear``).
 """
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ from torch import Tensor
 
 from pyfastpeft._backend import Backend, OpRegistry
 from pyfastpeft.fallback import gated_lora_linear as _fallback
-from pyfastpeft.ops.lora_linear import (_ORDER, _compute_dtype, _triton_available, _triton_devices, _triton_why,
-                                       launch, lora_linear, validate_lora_args)
+from pyfastpeft import _ext
+from pyfastpeft.ops.lora_linear import (_ORDER, _compute_dtype, _cuda_available, _cuda_supports, _triton_available,
+                                       _triton_devices, _triton_why, launch, lora_linear, validate_lora_args)
 
 FWD = OpRegistry("gated_lora_linear_fwd", public="gated_lora_linear", order=_ORDER)
 BWD = OpRegistry("gated_lora_linear_bwd", public="gated_lora_linear", order=_ORDER)
@@ -47,6 +48,31 @@ FWD.register(Backend("triton", lambda *a: _gk().gated_fwd(*a), devices=_triton_d
 BWD.register(Backend("triton", lambda *a: _gk().gated_bwd(*a), devices=_triton_devices, available=_triton_available,
                      supports=lambda dy, x, xl, u, r, s, w, a, *_: _gk().supports(dy.dtype, a.shape[0]),
                      why_unavailable=_triton_why))
+
+# cuda: cuBLAS (through ATen) for the base GEMM, pyfastpeft._C for the shrink, the gate with the stable
+# compaction and the gathered expand. The row norms of h are one ATen reduction over h (cuBLAS has no
+# epilogue for them) and the bias a second pass: the Triton path folds both into its GEMM. The backward is
+# the torch one (cuBLAS GEMMs; the rank-r pieces are small GEMMs there too).
+_CUDA_OPS = ("lora_shrink", "gated_gate", "gated_expand_add_")
+
+
+def _cuda_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale, tau):
+    C = torch.ops.pyfastpeft_C
+    h = torch.mm(x, weight.t())
+    u = C.lora_shrink(x if x_lora is None else x_lora, lora_a)
+    hsq = torch.linalg.vector_norm(h, dim=1, dtype=torch.float32).square_()[None]  # (1, M)
+    gram = lora_b.float().t() @ lora_b.float()
+    ratio, selected, index, count = C.gated_gate(u, gram, hsq, tau.detach().float(), scale)
+    if bias is not None:
+        h += bias
+    C.gated_expand_add_(h, u, lora_b, index, count, scale)
+    return h, u, ratio, selected
+
+
+FWD.register(Backend("cuda", _cuda_fwd, devices=lambda: ("cuda",), available=lambda: _cuda_available(_CUDA_OPS),
+                     supports=lambda x, *a: _cuda_supports(x, _CUDA_OPS), why_unavailable=_ext.why_unavailable))
+BWD.register(Backend("cuda", _fallback.bwd, devices=lambda: ("cuda",), available=lambda: _cuda_available(_CUDA_OPS),
+                     supports=lambda dy, *a: _cuda_supports(dy, _CUDA_OPS), why_unavailable=_ext.why_unavailable))
 
 GATE_GRADS = ("threshold", "full")
 
@@ -194,16 +220,20 @@ def modeled_selection(fraction: float):
 
 
 def _fwd_cost(args, kwargs, outputs):
-    """The Triton forward: base GEMM + shrink + row norms, the gate on (M, R) tensors, the selected-rows expand."""
-    from pyfastpeft.triton_kernels._gated_lora_linear_cost import gated_base_cost, gated_expand_cost
+    """The Triton forward: base GEMM + shrink + row norms, the Gram of B, the one-program gate with the
+    compaction, the selected-rows expand."""
+    from pyfastpeft.triton_kernels._gated_lora_linear_cost import (base_groups, gate_cost, gated_base_cost,
+                                                                    gated_expand_cost)
 
     x, x_lora, weight, bias, lora_a = args[:5]
     (M, K), N, R, s = x.shape, weight.shape[0], lora_a.shape[0], x.element_size()
     sel = round(_MODEL["selected_fraction"] * M)
-    gate = dict(flops=2 * N * R * R + 2 * M * R * R + 6 * M, read=(M * R + N * R) * s, write=4 * M * 3 + M)
+    groups = base_groups(M, N) if M and N else 0
+    gram = dict(flops=2 * N * R * R, read=N * R * s, write=R * R * 4)
     return [launch("triton:gated_base", gated_base_cost(M, N, K, R, s, has_bias=bias is not None,
                                                         has_xl=x_lora is not None), x.dtype),
-            launch("torch:gate (Gram, norms, compare)", gate, torch.float32),
+            launch("torch:Gram BᵀB", gram, torch.float32),
+            launch("triton:gate + compaction", gate_cost(M, R, groups, sel, s), torch.float32),
             launch("triton:gated_expand", gated_expand_cost(M, sel, N, R, s), x.dtype)]
 
 

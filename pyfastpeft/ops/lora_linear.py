@@ -81,16 +81,17 @@ def _triton_bwd(*args):
 _CUDA_OPS = ("lora_shrink", "lora_expand_add_")
 
 
-def _cuda_available() -> bool:
-    return all(_ext.has_op(op) for op in _CUDA_OPS)
+def _cuda_available(ops: tuple[str, ...] = _CUDA_OPS) -> bool:
+    return all(_ext.has_op(op) for op in ops)
 
 
-def _cuda_supports(t: Tensor) -> Optional[str]:
+def _cuda_supports(t: Tensor, ops: tuple[str, ...] = _CUDA_OPS) -> Optional[str]:
+    """None if the ``pyfastpeft._C`` kernels ``ops`` take ``t``'s dtype and passed their twin check on its GPU."""
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {t.dtype} (pyfastpeft._C LoRA kernels take fp32, fp16, bf16)"
     from pyfastpeft import _twin
 
-    for op in _CUDA_OPS:
+    for op in ops:
         why = _twin.cuda_op_ok(op, t.device)
         if why is not None:
             return f"{op} disabled on this GPU: {why}"

@@ -151,3 +151,58 @@ def test_cpu_tensors_are_rejected_with_the_device_named():
         torch.ops.pyfastpeft_C.lora_shrink(torch.randn(3, 4), torch.randn(2, 4))
     with pytest.raises((NotImplementedError, RuntimeError), match="CPU"):
         torch.ops.pyfastpeft_C.lora_expand_add_(torch.zeros(3, 5), torch.randn(3, 2), torch.randn(5, 2), 1.0)
+
+
+# ------------------------------------------------------------------------------ token-selective LoRA
+@gpu_ext
+@pytest.mark.parametrize("op", ["gated_gate", "gated_expand_add_"])
+def test_gated_twin_checks_pass_on_this_gpu(op):
+    assert _twin.TWIN_CHECKS[op](torch.device("cuda")) <= _twin.THRESHOLD
+
+
+GATED_CASES = [(37, 120, 72, 3, dt) for dt in DTYPES] + [(64, 64, 160, 128, dt) for dt in DTYPES] + [
+    (0, 32, 16, 4, torch.float32), (2100, 256, 136, 16, torch.float32)]  # M = 2100: three scan chunks
+
+
+@gpu_ext
+@pytest.mark.parametrize("M,K,N,R,dtype", GATED_CASES, ids=lambda v: str(v)[6:] if isinstance(v, torch.dtype) else None)
+def test_gated_cuda_backend_matches_reference(M, K, N, R, dtype):
+    """The whole ``cuda`` backend of ``gated_lora_linear`` (forward kernels, torch backward) vs fp64, with
+    τ in the widest gap between the ratios of the middle half of the tokens, so that rounding cannot flip a
+    token's selection (fp16/bf16 only at small M, where the gaps are wide)."""
+    import pyfastpeft as pfp
+    from pyfastpeft.reference import gated_lora_linear_ref
+    from pyfastpeft.testing import FWD_FACTOR, GRAD_FACTOR, lora_inputs
+
+    d = lora_inputs(M, K, N, R, dtype=torch.float64, bias=True)
+    _, _, ratio = gated_lora_linear_ref(d["x"], d["weight"], d["bias"], d["lora_a"], d["lora_b"], d["scale"],
+                                        torch.tensor(0.0, dtype=torch.float64), return_gate=True)
+    r = ratio.sort().values
+    if M >= 4:
+        lo, hi = M // 4, 3 * M // 4
+        k = lo + int((r[lo + 1:hi + 1] - r[lo:hi]).argmax())
+        tau = float((r[k] + r[k + 1]) / 2)
+    else:
+        tau = 0.1
+    gy = torch.randn(M, N, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def run(dt, dev, backend):
+        t = {k: (v.to(dev, dt) if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+        x, a, b = (t[k].requires_grad_() for k in ("x", "lora_a", "lora_b"))
+        tt = torch.tensor(tau, device=dev, dtype=torch.float64 if dt == torch.float64 else torch.float32,
+                          requires_grad=True)
+        if backend is None:
+            y = gated_lora_linear_ref(x, t["weight"], t["bias"], a, b, t["scale"], tt)
+        else:
+            y = pfp.gated_lora_linear(x, t["weight"], t["bias"], a, b, t["scale"], tt, backend=backend)
+        return (y,) + torch.autograd.grad(y, (x, a, b, tt), gy.to(dev, y.dtype))
+
+    got = run(dtype, "cuda", "cuda")
+    want = run(torch.float64, "cpu", None)
+    want_lo = run(dtype, "cuda", None) if dtype != torch.float32 else (None,) * 5
+    red = {0: K + R, 1: N + R + K, 2: M + N, 3: M + R, 4: M * (N + R)}
+    for i, name in enumerate(("y", "dx", "dA", "dB", "dtau")):
+        v = compare(got[i].cpu(), want[i], None if want_lo[i] is None else want_lo[i].cpu(),
+                    factor=FWD_FACTOR if i == 0 else GRAD_FACTOR, reduction=red[i],
+                    as_dtype=dtype if name == "dtau" else None)
+        assert v.ok, f"{name}: {v}"

@@ -119,8 +119,38 @@ def test_gated_expand_declared_bytes_scale_with_selection(M, N, R, frac):
     sel = torch.zeros(M, dtype=torch.bool)
     sel[torch.randperm(M, generator=torch.Generator().manual_seed(0))[: int(frac * M)]] = True
     want = y + 0.5 * sel[:, None] * (u @ b.T)
+    index = torch.full((M,), -1, dtype=torch.int32)  # entries past the count are never read
+    index[: int(sel.sum())] = torch.nonzero(sel).flatten().int()
+    count = sel.sum().int().reshape(1)
     with trace_memory() as tr:
-        gk.gated_expand_(y, u, b, sel, 0.5)
+        gk.gated_expand_(y, u, b, index, count, 0.5)
     torch.testing.assert_close(y, want)
     c = gated_expand_cost(M, int(sel.sum()), N, R, 4)
+    assert (tr.loaded_bytes, tr.stored_bytes) == (c["read"], c["write"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("M, R, G, q", [(37, 3, 2, 0.5), (70, 16, 1, 0.0), (50, 40, 3, 1.01)])
+def test_gate_declared_bytes_and_stable_compaction(M, R, G, q, dtype):
+    """The gate and the one-program compaction: ratio and flags as the spec's formula, ``index[:count]`` the selected rows in
+    increasing order (ties at τ select), and declared bytes equal to the interpreter's."""
+    from pyfastpeft.triton_kernels import gated_lora_linear as gk
+    from pyfastpeft.triton_kernels._gated_lora_linear_cost import gate_cost
+
+    gen = torch.Generator().manual_seed(3)
+    u, b = torch.randn(M, R, generator=gen).to(dtype), torch.randn(40, R, generator=gen)
+    hsq = torch.rand(G, M, generator=gen) + 0.1
+    hsq[:, 5] = 0.0  # ‖h‖ = 0 -> the ε floor
+    uw = u.double()
+    want = (0.7 * (uw @ b.double().T).norm(dim=1)) / hsq.double().sum(0).sqrt().clamp(min=1e-6)
+    # τ at the quantile q: q = 0 selects all (τ at the smallest ratio, a tie), q > 1 selects none
+    tau = torch.tensor(float(want.quantile(min(q, 1.0))) * (2.0 if q > 1 else 1.0), dtype=torch.float32)
+    with trace_memory() as tr:
+        ratio, sel, index, count = gk.gate(u, b, hsq, 0.7, tau)
+    torch.testing.assert_close(ratio.double(), want, rtol=1e-5, atol=0)
+    assert torch.equal(sel, ratio >= tau.clamp(min=0))
+    n = int(count)
+    assert n == int(sel.sum()) and (n == M) == (q == 0.0) and (n == 0) == (q > 1)
+    assert torch.equal(index[:n].long(), torch.nonzero(sel).flatten())
+    c = gate_cost(M, R, G, n, u.element_size())
     assert (tr.loaded_bytes, tr.stored_bytes) == (c["read"], c["write"])
