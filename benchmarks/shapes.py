@@ -18,6 +18,18 @@ from pyfastpeft.bench import (  # noqa: F401
 __all__ = ["CPU_M_DIVISOR", "LLAMA3_8B_SHAPES", "LLAMA3_8B_TOKENS", "LORA_RANKS", "MODELS", "VIT_B16_SHAPES",
            "VIT_B16_TOKENS", "LinearWorkload", "lora_workloads"]
 
+# Filter-atom convs (specs/performance.md section 3): ResNet-50 3x3 convs and a ConvNeXt depthwise 7x7, batch 64
+# at 224 px, channels_last, bf16 on GPU; on a CPU batch 64 / 16 = 4, fp32. (label, C_in, C_out, H=W, k, groups).
+ATOM_CONV_SHAPES = [
+    ("resnet50 3x3 56^2 64->64", 64, 64, 56, 3, 1),
+    ("resnet50 3x3 28^2 128->128", 128, 128, 28, 3, 1),
+    ("resnet50 3x3 14^2 256->256", 256, 256, 14, 3, 1),
+    ("resnet50 3x3 7^2 512->512", 512, 512, 7, 3, 1),
+    ("convnext dw7x7 56^2 C128", 128, 128, 56, 7, 128),
+]
+ATOM_CONFIGS = [(4, 0), (9, 0), (4, 3)]  # (num_atoms m, sub_atoms m1): m in {4, 9}, recursive m1 = 3
+ATOM_BATCH = {"cuda": 64, "cpu": 4}
+
 if __name__ == "__main__":
     for dev in ("cuda", "cpu"):
         print(f"{dev}:")

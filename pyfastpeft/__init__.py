@@ -19,15 +19,32 @@ from pyfastpeft._backend import ORDER, REGISTRIES, BackendUnavailable, Decision,
 from pyfastpeft.functional import gated_lora_linear, lora_linear
 from pyfastpeft.ops import gated_lora_linear as _gated_ops
 from pyfastpeft.ops import lora_linear as _lora_ops
+from pyfastpeft.ops import atoms as _atom_ops
+from pyfastpeft.ops.atoms import atom_conv2d, atom_linear
+from pyfastpeft.ops import cayley as _cayley_ops
+from pyfastpeft.ops import oft_linear as _oft_ops
+from pyfastpeft.ops import psoft_linear as _psoft_ops
+from pyfastpeft.ops.cayley import cayley
+from pyfastpeft.ops.oft_linear import oft_linear
+from pyfastpeft.ops.psoft_linear import psoft_linear
+from pyfastpeft.ops import gram_accumulate as _gram_ops
 from pyfastpeft import nn
+from pyfastpeft.surgery import from_peft, inject, load_adapter, merge_and_unload, save_adapter, summary
 
 # public op name -> function mapping public args to (registry, device, primitive args, backend)
 _EXPLAIN = {"lora_linear": _lora_ops.explain_args, "gated_lora_linear": _gated_ops.explain_args}
+_EXPLAIN.update(atom_conv2d=_atom_ops.explain_args, atom_linear=_atom_ops.explain_linear_args)
+_EXPLAIN.update(cayley=_cayley_ops.explain_args, oft_linear=_oft_ops.explain_args,
+                psoft_linear=_psoft_ops.explain_args)
+_EXPLAIN.update(gram_accumulate=_gram_ops.explain_args)
 
 __all__ = [
     "__version__", "lora_linear", "gated_lora_linear", "gate_loss", "nn", "perf", "backend_info", "format_backend_info", "explain",
     "available_backends", "use_backend", "last_backend", "BackendUnavailable",
 ]
+__all__ += ["atom_conv2d", "atom_linear"]
+__all__ += ["cayley", "oft_linear", "psoft_linear"]
+__all__ += ["inject", "from_peft", "merge_and_unload", "save_adapter", "load_adapter", "summary"]
 
 
 def __getattr__(name: str):
@@ -36,6 +53,10 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("pyfastpeft.perf")
+    if name == "subtractive":  # SFP (fit / rank_modules), imported on first use
+        import importlib
+
+        return importlib.import_module("pyfastpeft.subtractive")
     raise AttributeError(f"module 'pyfastpeft' has no attribute {name!r}")
 
 

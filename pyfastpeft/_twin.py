@@ -127,10 +127,135 @@ def check_lora_expand_add_(device: torch.device, op: Optional[Callable] = None) 
     return worst
 
 
+def check_gated_gate(device: torch.device, op: Optional[Callable] = None) -> float:
+    """Token-selective gate ``(ratio, selected, index, count)`` against float64: ``ratio`` scored like the
+    other outputs (L = R²), and the discrete outputs exactly: ``selected == (ratio_out >= max(τ, 0))`` on the
+    op's own ratios (so rounding at the threshold cannot fail it), ``index[:count]`` the selected rows in
+    increasing order. A wrong flag, index or count scores ``inf``. Cases: M=37, R=3, G=2 with τ at the median
+    (ties: τ equal to one row's ratio); M=2100 (three scan chunks of 1024), R=40, G=1, τ at the 30 % quantile;
+    τ < 0 (all selected); M=0."""
+    op = op if op is not None else torch.ops.pyfastpeft_C.gated_gate
+    gen = torch.Generator().manual_seed(2468)
+    worst = 0.0
+    for M, R, G, q in ((37, 3, 2, 0.5), (2100, 40, 1, 0.3), (64, 16, 3, -1.0), (0, 8, 1, 0.5)):
+        u64, b64 = _randn(gen, M, R), _randn(gen, 50, R)
+        hsq = torch.rand(G, M, generator=gen, dtype=torch.float64).float() + 0.05
+        for dtype in DTYPES:
+            u_lo = u64.to(dtype)
+            gram = (b64.T @ b64).float()
+            ref = 0.5 * ((u_lo.double() @ gram.double()) * u_lo.double()).sum(1).sqrt() / hsq.double().sum(0).sqrt()
+            taus = [torch.tensor(-1.0 if q < 0 or M == 0 else float(ref.float().quantile(q)))]
+            for tau in taus:
+                ratio, sel, index, count = op(u_lo.to(device), gram.to(device), hsq.to(device), tau.to(device), 0.5)
+                if tuple(ratio.shape) != (M,) or ratio.dtype != torch.float32 or sel.dtype != torch.bool:
+                    return math.inf
+                ratio_c, sel_c, n = ratio.cpu(), sel.cpu(), int(count.cpu()[0])
+                want = torch.nonzero(ratio_c >= tau.clamp(min=0)).flatten()
+                if not torch.equal(sel_c, ratio_c >= tau.clamp(min=0)) or n != want.numel() or \
+                        not torch.equal(index.cpu()[:n].long(), want):
+                    return math.inf
+                worst = max(worst, _norm_err(ratio, ref, dtype, R * R))
+                if len(taus) == 1 and q == 0.5 and M:  # again with τ equal to a row's own ratio: the tie selects
+                    taus.append(ratio_c[M // 2].clone())
+    return worst
+
+
+def check_gated_expand_add_(device: torch.device, op: Optional[Callable] = None) -> float:
+    """``y[index[j]] += scale · u[index[j]] bᵀ`` for ``j < count`` in place, against float64; ``y`` a column
+    slice with sentinel columns, rows not in the list must be untouched (else ``inf``). Cases: M=37, N=72,
+    R=3 with every third row; M=70, N=200, R=40 with 0 rows (count 0) and with all rows."""
+    op = op if op is not None else torch.ops.pyfastpeft_C.gated_expand_add_
+    gen = torch.Generator().manual_seed(1357)
+    worst, pad = 0.0, 5
+    for M, N, R, step, scale in ((37, 72, 3, 3, 0.75), (70, 200, 40, 0, -0.5), (70, 200, 40, 1, 2.0)):
+        y64, u64, b64 = _randn(gen, M, N), _randn(gen, M, R), _randn(gen, N, R)
+        rows = torch.arange(0, M, step) if step else torch.zeros(0, dtype=torch.long)
+        index = torch.full((M,), -1, dtype=torch.int32)  # entries past the count must never be read
+        index[: rows.numel()] = rows.int()
+        count = torch.tensor([rows.numel()], dtype=torch.int32)
+        for dtype in DTYPES:
+            y_lo, u_lo, b_lo = y64.to(dtype), u64.to(dtype), b64.to(dtype)
+            ref = y_lo.double()
+            ref[rows] += scale * (u_lo.double()[rows] @ b_lo.double().T)
+            buf = torch.full((M, N + pad), 12345.0, dtype=dtype, device=device)
+            buf[:, :N] = y_lo.to(device)
+            y = buf[:, :N]
+            op(y, u_lo.to(device), b_lo.to(device), index.to(device), count.to(device), scale)
+            if not bool((buf[:, N:].cpu() == 12345.0).all()):
+                return math.inf
+            worst = max(worst, _norm_err(y, ref, dtype, R + 1))
+    return worst
+
+
 TWIN_CHECKS: dict[str, Callable[[torch.device], float]] = {
     "lora_shrink": check_lora_shrink,
     "lora_expand_add_": check_lora_expand_add_,
 }
+TWIN_CHECKS["gated_gate"] = check_gated_gate
+TWIN_CHECKS["gated_expand_add_"] = check_gated_expand_add_
+
+
+def check_atom_grad_conv2d(device: torch.device, op: Optional[Callable] = None) -> float:
+    """Filter-atom gradient ``dD (C_in, m, kh, kw)`` against float64 (``specs/atoms.md`` §1), per global input
+    channel: ``Σ_{o in group(i)} coeff[o, i mod C_in/g, j] · dW'[o, i mod C_in/g, p, q]`` with ``dW'`` the conv
+    weight gradient of ``(x, dy)`` in float64. Cases: 3x3 with odd channels and padding; stride 2 and dilation
+    with groups and m = 9; a depthwise 7x7 with x channels_last. L = N·Ho·Wo·(C_out/g)."""
+    op = op if op is not None else torch.ops.pyfastpeft_C.atom_grad_conv2d
+    gen = torch.Generator().manual_seed(99)
+    worst = 0.0
+    for N, cin, cout, H, W, k, s, p, d, g, m, cl in ((2, 5, 7, 9, 8, 3, 1, 1, 1, 1, 4, False),
+                                                     (2, 6, 9, 11, 10, 3, 2, 2, 2, 3, 9, False),
+                                                     (1, 8, 8, 12, 12, 7, 1, 3, 1, 8, 4, True)):
+        x64, coeff = _randn(gen, N, cin, H, W), _randn(gen, cout, cin // g, m).float()
+        ho, wo = (H + 2 * p - d * (k - 1) - 1) // s + 1, (W + 2 * p - d * (k - 1) - 1) // s + 1
+        dy64 = _randn(gen, N, cout, ho, wo)
+        for dtype in DTYPES:
+            x_lo, dy_lo = x64.to(dtype), dy64.to(dtype)
+            dw = torch.nn.grad.conv2d_weight(x_lo.double(), (cout, cin // g, k, k), dy_lo.double(), s, p, d, g)
+            ref = torch.cat([torch.einsum("oij,oipq->ijpq", coeff.double()[gi * (cout // g):(gi + 1) * (cout // g)],
+                                          dw[gi * (cout // g):(gi + 1) * (cout // g)]) for gi in range(g)])
+            x = x_lo.to(device)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out = op(dy_lo.to(device), x, coeff.to(device), k, k, [s, s], [p, p], [d, d], g)
+            if tuple(out.shape) != tuple(ref.shape) or out.dtype != torch.float32:
+                return math.inf
+            worst = max(worst, _norm_err(out, ref, dtype, N * ho * wo * (cout // g)))
+    return worst
+
+
+TWIN_CHECKS["atom_grad_conv2d"] = check_atom_grad_conv2d
+
+
+def check_cayley_exact(device: torch.device, op: Optional[Callable] = None) -> float:
+    """Exact batched Cayley ``R (G, b, b)`` from packed ``v (G, b(b-1)/2)`` fp32, both conventions, against
+    float64 ``torch.linalg.solve`` on the same (fp32-rounded) ``v``. Cases: b = 7 (odd, padded), 32, 128
+    (the largest block, 66 KB of shared memory), G = 0; ``‖Q‖_F`` about 2 (cond(I ± Q) <= 3). Length
+    ``L = b²`` (a Gauss-Jordan entry accumulates ~b rounded updates of growth ~b)."""
+    op = op if op is not None else torch.ops.pyfastpeft_C.cayley_exact
+    gen = torch.Generator().manual_seed(777)
+    worst = 0.0
+    for G, b in ((5, 7), (3, 32), (2, 128), (0, 4)):
+        n = b * (b - 1) // 2
+        v64 = _randn(gen, G, n)
+        v64 = v64 * (2.0 / max(b, 2) ** 1.0)  # ‖Q‖_F ≈ √2 ‖v‖ ≈ 2 per block
+        v32 = v64.float()
+        rows, cols = torch.triu_indices(b, b, 1)
+        Q = torch.zeros(G, b, b, dtype=torch.float64)
+        Q[:, rows, cols] = v32.double()
+        Q = Q - Q.transpose(1, 2)
+        eye = torch.eye(b, dtype=torch.float64).expand(G, b, b)
+        for minus in (True, False):
+            ref = (torch.linalg.solve(eye + Q, eye - Q, left=False) if minus
+                   else torch.linalg.solve(eye - Q, eye + Q, left=False))
+            out = op(v32.to(device), b, minus)
+            if tuple(out.shape) != (G, b, b) or out.dtype != torch.float32:
+                return math.inf
+            worst = max(worst, _norm_err(out, ref, torch.float32, b * b))
+    return worst
+
+
+TWIN_CHECKS["cayley_exact"] = check_cayley_exact
 
 
 # ----------------------------------------------------------------------------------------------------

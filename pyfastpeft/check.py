@@ -195,6 +195,19 @@ CHECKS: list[OpCheck] = [
 ]
 
 
+from pyfastpeft._check_atoms import atom_checks as _atom_checks  # noqa: E402  (filter atoms, specs/atoms.md)
+
+CHECKS += _atom_checks(OpCheck)
+
+from pyfastpeft._check_gram import gram_checks as _gram_checks  # noqa: E402  (SFP accumulation, no gradient)
+
+CHECKS += _gram_checks(OpCheck)
+
+from pyfastpeft._check_orthogonal import orthogonal_checks as _orth_checks  # noqa: E402  (specs/orthogonal.md)
+
+CHECKS += _orth_checks(OpCheck)
+
+
 # ----------------------------------------------------------------------------------------------------
 # running
 # ----------------------------------------------------------------------------------------------------
@@ -241,7 +254,8 @@ def _run(fn: Callable[[dict], torch.Tensor], check: OpCheck, leaves: dict, dtype
          device: torch.device, gy: torch.Tensor) -> tuple[torch.Tensor, dict]:
     ls = _to(leaves, dtype, device, check.grads, check.keep_fp32)
     y = fn(check.build(ls))
-    y.backward(gy.to(device=y.device, dtype=y.dtype))
+    if check.grads:  # an op without gradients (gram_accumulate) is checked forward only
+        y.backward(gy.to(device=y.device, dtype=y.dtype))
     return y.detach(), {k: (ls[k].grad.detach() if ls[k].grad is not None else None) for k in check.grads}
 
 

@@ -2,8 +2,9 @@
 
 Subcommands: ``info`` (versions, devices, backends), ``check`` (every op and backend against the fp64
 reference; exit code 1 on any failure), ``bench`` (the workloads of ``specs/performance.md``; results
-JSON/CSV and a PNG), ``compile-report`` (ahead-of-time compile of the Triton kernels; delegated to
-``pyfastpeft.compile_report``).
+JSON/CSV and a PNG; ``--report`` turns results files into a markdown report), ``demo`` (tiny ViT and
+Llama fine-tuned with each method vs PEFT), ``compile-report`` (ahead-of-time compile of the Triton
+kernels; delegated to ``pyfastpeft.compile_report``).
 """
 from __future__ import annotations
 
@@ -170,6 +171,10 @@ def cmd_check(args: argparse.Namespace, argv: Sequence[str]) -> int:
 # bench
 # ----------------------------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if args.report:  # no benchmark runs: the results files become a markdown report + plots
+        from pyfastpeft import report
+        return report.main(args.out or str(Path("benchmarks") / "results"), args.report_out,
+                           with_plots=not args.no_plots)
     from pyfastpeft import bench
     from pyfastpeft.check import DTYPES
     err = _device_or_error(args.device)
@@ -235,7 +240,7 @@ def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
 # ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyfastpeft", description="pyfastpeft: fused PEFT kernels -- tools")
-    sub = p.add_subparsers(dest="command", metavar="{info,check,bench,compile-report}")
+    sub = p.add_subparsers(dest="command", metavar="{info,check,bench,demo,compile-report}")
 
     sub.add_parser("info", help="versions, devices, and the backends available here")
 
@@ -265,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--budget", type=float, default=None, help=argparse.SUPPRESS)  # CPU seconds per group
     b.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--report", action="store_true",
+                   help="run nothing: turn the results files (--out dir) into a markdown report and plots")
+    b.add_argument("--report-out", default=None, help="report path (default: <results dir>/REPORT.md)")
+    b.add_argument("--no-plots", action="store_true", help="--report without PNGs")
+
+    d = sub.add_parser("demo", help="fine-tune a tiny ViT and Llama with each method (synthetic data, vs PEFT)")
+    from pyfastpeft import demo as _demo
+    _demo.add_arguments(d)
 
     sub.add_parser("compile-report", add_help=False,
                    help="compile every Triton kernel ahead of time; registers/spills (see its --help)")
@@ -289,6 +302,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return cmd_info(args)
     if args.command == "check":
         return cmd_check(args, argv)
+    if args.command == "demo":
+        from pyfastpeft import demo
+        return demo.main(args, argv[1:])
     if args.command == "bench":
         return cmd_bench(args, argv)
     parser.error(f"unknown command {args.command!r}")

@@ -40,6 +40,11 @@ class GatedLoRALinear(LoRALinear):
         return cls(linear, r, alpha, tau_init=tau_init, gate_width=gate_width, gate_grad=gate_grad,
                    dropout=dropout, use_rslora=use_rslora)
 
+    def adapter_config(self) -> dict:
+        """JSON-serialisable kwargs of :meth:`from_linear` (``tau_init`` is the current ``tau``)."""
+        return {**super().adapter_config(), "tau_init": float(self.tau.detach()), "gate_width": self.gate_width,
+                "gate_grad": self.gate_grad}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, selected, ratio = gated_lora_linear(
             x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,

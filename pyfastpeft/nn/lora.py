@@ -77,6 +77,10 @@ class LoRALinear(nn.Module):
             layer.lora_B.weight.copy_(peft_layer.lora_B[name].weight)
         return layer
 
+    def adapter_config(self) -> dict:
+        """JSON-serialisable kwargs of :meth:`from_linear` that rebuild this adapter on the same base layer."""
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "use_rslora": self.use_rslora}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight,
                            self.scaling, dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
