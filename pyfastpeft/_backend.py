@@ -207,3 +207,22 @@ class OpRegistry:
 def last_backend(op: str) -> Optional[str]:
     """The backend that ran the most recent eager call of primitive ``op`` (e.g. ``"lora_linear_fwd"``)."""
     return _LAST.get(op)
+
+
+# ---------------------------------------------------------------------------------------- Triton backends
+def triton_available() -> bool:
+    """Triton is importable here (every op's ``triton`` backend shares this test)."""
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_why() -> str:
+    return "triton is not installed (pip install triton)"
+
+
+def triton_devices() -> tuple[str, ...]:
+    """CUDA tensors when compiled; also CPU tensors under ``TRITON_INTERPRET=1``."""
+    from pyfastpeft.triton_kernels._config import interpreting
+
+    return ("cuda", "cpu") if interpreting() else ("cuda",)

@@ -33,7 +33,6 @@ Backends (auto order ``triton``, ``cuda``, ``torch``):
 """
 from __future__ import annotations
 
-import importlib.util
 import numbers
 from typing import Optional, Union
 
@@ -42,7 +41,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pyfastpeft import _ext
-from pyfastpeft._backend import Backend, OpRegistry
+from pyfastpeft._backend import (Backend, OpRegistry,
+                                  triton_available as _triton_available,
+                                  triton_devices as _triton_devices,
+                                  triton_why as _triton_why)
 from pyfastpeft.fallback import atoms as _fallback
 
 _ORDER = ("triton", "cuda", "torch")
@@ -56,20 +58,6 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------- backends
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_why() -> str:
-    return "triton is not installed (pip install triton)"
-
-
-def _triton_devices() -> tuple[str, ...]:
-    from pyfastpeft.triton_kernels._config import interpreting
-
-    return ("cuda", "cpu") if interpreting() else ("cuda",)
-
-
 def _tk():
     from pyfastpeft.triton_kernels import atoms as tk  # lazy: decorating kernels imports triton
 
@@ -378,6 +366,17 @@ def _same_device(x: Tensor, **tensors) -> None:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must share a device")
 
 
+def _check_frozen_and_placed(x, weight, bias, coeff, atoms) -> None:
+    """Checks shared by both atom ops: one device, frozen weight and coefficients, weight in x's dtype."""
+    _same_device(x, weight=weight, bias=bias, coeff=coeff, atoms=atoms)
+    if weight.requires_grad:
+        raise ValueError("weight must be frozen (requires_grad=False): atom tuning trains only the atoms")
+    if coeff.requires_grad:
+        raise ValueError("coeff must be frozen (requires_grad=False): the atom coefficients are fixed")
+    if weight.dtype != x.dtype and not _autocast_on(x.device.type):
+        raise ValueError(f"weight dtype {weight.dtype} must match x dtype {x.dtype} (or run under autocast)")
+
+
 def validate_conv_args(x, weight, bias, coeff, atoms, stride, padding, dilation, groups):
     """Errors name the argument and what was expected; returns normalised ``(stride, dilation)``."""
     _check_tensor("x", x, 4)
@@ -405,13 +404,7 @@ def validate_conv_args(x, weight, bias, coeff, atoms, stride, padding, dilation,
         _check_tensor("bias", bias, 1)
         if bias.shape[0] != co:
             raise ValueError(f"bias must have shape ({co},) (out_channels), got {tuple(bias.shape)}")
-    _same_device(x, weight=weight, bias=bias, coeff=coeff, atoms=atoms)
-    if weight.requires_grad:
-        raise ValueError("weight must be frozen (requires_grad=False): atom tuning trains only the atoms")
-    if coeff.requires_grad:
-        raise ValueError("coeff must be frozen (requires_grad=False): the atom coefficients are fixed")
-    if weight.dtype != x.dtype and not _autocast_on(x.device.type):
-        raise ValueError(f"weight dtype {weight.dtype} must match x dtype {x.dtype} (or run under autocast)")
+    _check_frozen_and_placed(x, weight, bias, coeff, atoms)
     return _pair("stride", stride, 1), _pair("dilation", dilation, 1)
 
 
@@ -490,13 +483,7 @@ def validate_linear_args(x, weight, bias, coeff, atoms, block) -> None:
         _check_tensor("bias", bias, 1)
         if bias.shape[0] != N:
             raise ValueError(f"bias must have shape ({N},) (out_features), got {tuple(bias.shape)}")
-    _same_device(x, weight=weight, bias=bias, coeff=coeff, atoms=atoms)
-    if weight.requires_grad:
-        raise ValueError("weight must be frozen (requires_grad=False): atom tuning trains only the atoms")
-    if coeff.requires_grad:
-        raise ValueError("coeff must be frozen (requires_grad=False): the atom coefficients are fixed")
-    if weight.dtype != x.dtype and not _autocast_on(x.device.type):
-        raise ValueError(f"weight dtype {weight.dtype} must match x dtype {x.dtype} (or run under autocast)")
+    _check_frozen_and_placed(x, weight, bias, coeff, atoms)
 
 
 def atom_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], coeff: Tensor, atoms: Tensor, *, block: int,

@@ -19,7 +19,6 @@ program, ``b ≤ 64`` exact, ``b ≤ 32`` Neumann), ``cuda`` (``pyfastpeft._C`` 
 """
 from __future__ import annotations
 
-import importlib.util
 import numbers
 from typing import Optional
 
@@ -27,7 +26,10 @@ import torch
 from torch import Tensor
 
 from pyfastpeft import _ext
-from pyfastpeft._backend import Backend, OpRegistry
+from pyfastpeft._backend import (Backend, OpRegistry,
+                                  triton_available as _triton_available,
+                                  triton_devices as _triton_devices,
+                                  triton_why as _triton_why)
 from pyfastpeft.fallback import orthogonal as _fallback
 
 METHODS = ("exact", "neumann")
@@ -40,20 +42,6 @@ BWD = OpRegistry("cayley_bwd", public="cayley", order=("cuda", "triton", "torch"
 
 
 # --------------------------------------------------------------------------------------------- backends
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_why() -> str:
-    return "triton is not installed (pip install triton)"
-
-
-def _triton_devices() -> tuple[str, ...]:
-    from pyfastpeft.triton_kernels._config import interpreting
-
-    return ("cuda", "cpu") if interpreting() else ("cuda",)
-
-
 def _tk():
     from pyfastpeft.triton_kernels import cayley as tk  # lazy: decorating kernels imports triton
 

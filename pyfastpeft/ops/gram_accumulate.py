@@ -21,13 +21,14 @@ Backends (one primitive ``pyfastpeft::gram_accumulate``, a fake for ``torch.comp
 """
 from __future__ import annotations
 
-import importlib.util
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from pyfastpeft._backend import Backend, OpRegistry
+from pyfastpeft._backend import (Backend, OpRegistry,
+                                  triton_available as _triton_available,
+                                  triton_devices as _triton_devices)
 from pyfastpeft.fallback import gram_accumulate as _fallback
 
 REG = OpRegistry("gram_accumulate", public="gram_accumulate", order=("triton", "cuda", "torch"))
@@ -35,16 +36,6 @@ _FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------- backends
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_devices() -> tuple[str, ...]:
-    from pyfastpeft.triton_kernels._config import interpreting
-
-    return ("cuda", "cpu") if interpreting() else ("cuda",)
-
-
 def _tk():
     from pyfastpeft.triton_kernels import gram_accumulate as tk  # lazy: decorating kernels imports triton
 

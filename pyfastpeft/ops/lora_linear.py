@@ -17,7 +17,6 @@ Backends:
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import numbers
 from typing import Optional
@@ -27,7 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pyfastpeft import _ext
-from pyfastpeft._backend import Backend, OpRegistry
+from pyfastpeft._backend import (Backend, OpRegistry,
+                                  triton_available as _triton_available,
+                                  triton_devices as _triton_devices,
+                                  triton_why as _triton_why)
 from pyfastpeft.fallback import lora_linear as _fallback
 
 # Auto order: Triton first. Its kernels are the fused path (shrink in the base GEMM's K loop, expand in
@@ -42,20 +44,6 @@ _FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------- backends
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_why() -> str:
-    return "triton is not installed (pip install triton)"
-
-
-def _triton_devices() -> tuple[str, ...]:
-    from pyfastpeft.triton_kernels._config import interpreting
-
-    return ("cuda", "cpu") if interpreting() else ("cuda",)
-
-
 def _tk():
     from pyfastpeft.triton_kernels import lora_linear as tk  # lazy: decorating kernels imports triton
 

@@ -21,14 +21,15 @@ costs more than the torch path's one batched rotation from b = 32 on (roofline m
 """
 from __future__ import annotations
 
-import importlib.util
 import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from pyfastpeft._backend import Backend, OpRegistry
+from pyfastpeft._backend import (Backend, OpRegistry,
+                                  triton_available as _triton_available,
+                                  triton_devices as _triton_devices)
 from pyfastpeft.fallback import orthogonal as _fallback
 from pyfastpeft.ops.cayley import cayley_work, validate_cayley_args
 from pyfastpeft.ops.lora_linear import _check_tensor
@@ -36,16 +37,6 @@ from pyfastpeft.ops.lora_linear import _check_tensor
 FWD = OpRegistry("oft_linear_fwd", public="oft_linear")
 BWD = OpRegistry("oft_linear_bwd", public="oft_linear")
 
-
-
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_devices() -> tuple[str, ...]:
-    from pyfastpeft.triton_kernels._config import interpreting
-
-    return ("cuda", "cpu") if interpreting() else ("cuda",)
 
 
 def _tk():
