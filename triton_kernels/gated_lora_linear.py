@@ -180,7 +180,7 @@ _FWD_FAMILIES = {
 _FWD = {fam: triton.autotune(configs=autotune_configs(cfgs, _lk._INTERP_FWD), key=["N", "K", "BLOCK_R", "M_BUCKET"])(
     _gated_fwd_kernel) for fam, cfgs in _FWD_FAMILIES.items()}
 _EXPAND_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=1)
-                   for bm, bn, w in ((64, 128, 4), (32, 128, 4), (64, 64, 4))]
+                   for bm, bn, w in ((64, 128, 4), (32, 128, 8), (64, 64, 4))]
 _INTERP_EXPAND = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=1, num_stages=1)
 _EXPAND = triton.autotune(configs=autotune_configs(_EXPAND_CONFIGS, _INTERP_EXPAND), key=["N", "BLOCK_R"])(
     _gated_expand_kernel)
