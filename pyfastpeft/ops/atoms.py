@@ -46,6 +46,7 @@ from pyfastpeft._backend import (Backend, OpRegistry,
                                   triton_devices as _triton_devices,
                                   triton_why as _triton_why)
 from pyfastpeft.fallback import atoms as _fallback
+from pyfastpeft.ops.lora_linear import check_same_device
 
 _ORDER = ("triton", "cuda", "torch")
 CONV_FWD = OpRegistry("atom_conv2d_fwd", public="atom_conv2d", order=_ORDER)
@@ -360,15 +361,9 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _same_device(x: Tensor, **tensors) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must share a device")
-
-
 def _check_frozen_and_placed(x, weight, bias, coeff, atoms) -> None:
     """Checks shared by both atom ops: one device, frozen weight and coefficients, weight in x's dtype."""
-    _same_device(x, weight=weight, bias=bias, coeff=coeff, atoms=atoms)
+    check_same_device(x, weight=weight, bias=bias, coeff=coeff, atoms=atoms)
     if weight.requires_grad:
         raise ValueError("weight must be frozen (requires_grad=False): atom tuning trains only the atoms")
     if coeff.requires_grad:

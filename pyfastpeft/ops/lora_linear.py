@@ -195,6 +195,21 @@ def _check_tensor(name: str, t, ndim: Optional[int] = None) -> Tensor:
     return t
 
 
+def check_bias(bias: Optional[Tensor], n: int, what: str = "out_features") -> None:
+    """``bias`` is None or a floating ``(n,)`` tensor (``what`` names the dimension in the error)."""
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+        if bias.shape[0] != n:
+            raise ValueError(f"bias must have shape ({n},) ({what}), got {tuple(bias.shape)}")
+
+
+def check_same_device(x: Tensor, **tensors: Optional[Tensor]) -> None:
+    """Every tensor given (None skipped) is on ``x``'s device; the error names the first that is not."""
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must share a device")
+
+
 def validate_lora_args(x, weight, bias, lora_a, lora_b, scale, dropout_p) -> None:
     """Clear errors naming the argument and what was expected (shared with the gated variant)."""
     _check_tensor("x", x)
@@ -213,13 +228,8 @@ def validate_lora_args(x, weight, bias, lora_a, lora_b, scale, dropout_p) -> Non
         raise ValueError(f"lora_a must have shape (r, {K}) (in_features={K}), got {tuple(lora_a.shape)}")
     if tuple(lora_b.shape) != (N, R):
         raise ValueError(f"lora_b must have shape ({N}, {R}) = (out_features, r), got {tuple(lora_b.shape)}")
-    if bias is not None:
-        _check_tensor("bias", bias, 1)
-        if bias.shape[0] != N:
-            raise ValueError(f"bias must have shape ({N},) (out_features), got {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must share a device")
+    check_bias(bias, N)
+    check_same_device(x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
     if weight.dtype != x.dtype and not _autocast_on(x.device.type):
         raise ValueError(f"weight dtype {weight.dtype} must match x dtype {x.dtype} (or run under autocast)")
     if weight.requires_grad:

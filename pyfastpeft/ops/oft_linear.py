@@ -32,7 +32,7 @@ from pyfastpeft._backend import (Backend, OpRegistry,
                                   triton_devices as _triton_devices)
 from pyfastpeft.fallback import orthogonal as _fallback
 from pyfastpeft.ops.cayley import cayley_work, validate_cayley_args
-from pyfastpeft.ops.lora_linear import _check_tensor
+from pyfastpeft.ops.lora_linear import _check_tensor, check_bias, check_same_device
 
 FWD = OpRegistry("oft_linear_fwd", public="oft_linear")
 BWD = OpRegistry("oft_linear_bwd", public="oft_linear")
@@ -123,13 +123,8 @@ def validate_oft_args(x, weight, bias, oft_v, block_size, method, convention, te
     if oft_v.shape[0] not in (G, 1):
         raise ValueError(f"oft_v must have G = in_features / block_size = {G} rows (or 1 with block_share), "
                          f"got {tuple(oft_v.shape)}")
-    if bias is not None:
-        _check_tensor("bias", bias, 1)
-        if bias.shape[0] != N:
-            raise ValueError(f"bias must have shape ({N},) (out_features), got {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias), ("oft_v", oft_v)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must share a device")
+    check_bias(bias, N)
+    check_same_device(x, weight=weight, bias=bias, oft_v=oft_v)
     if weight.dtype != x.dtype:
         raise ValueError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
     if weight.requires_grad:

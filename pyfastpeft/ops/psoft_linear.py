@@ -27,7 +27,7 @@ from torch import Tensor
 from pyfastpeft._backend import Backend, OpRegistry
 from pyfastpeft.fallback import orthogonal as _fallback
 from pyfastpeft.ops.cayley import cayley_work, validate_cayley_args
-from pyfastpeft.ops.lora_linear import _check_tensor
+from pyfastpeft.ops.lora_linear import _check_tensor, check_bias, check_same_device
 
 FWD = OpRegistry("psoft_linear_fwd", public="psoft_linear")
 BWD = OpRegistry("psoft_linear_bwd", public="psoft_linear")
@@ -113,14 +113,9 @@ def validate_psoft_args(x, weight, bias, psoft_a, psoft_b, psoft_v, vector_a, ve
             _check_tensor(name, vec, 1)
             if vec.shape[0] != r:
                 raise ValueError(f"{name} must have shape ({r},) (r) or be None, got {tuple(vec.shape)}")
-    if bias is not None:
-        _check_tensor("bias", bias, 1)
-        if bias.shape[0] != N:
-            raise ValueError(f"bias must have shape ({N},) (out_features), got {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias), ("psoft_a", psoft_a), ("psoft_b", psoft_b),
-                    ("psoft_v", psoft_v), ("vector_a", vector_a), ("vector_b", vector_b)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must share a device")
+    check_bias(bias, N)
+    check_same_device(x, weight=weight, bias=bias, psoft_a=psoft_a, psoft_b=psoft_b, psoft_v=psoft_v,
+                      vector_a=vector_a, vector_b=vector_b)
     if weight.dtype != x.dtype:
         raise ValueError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
     if weight.requires_grad or psoft_a.requires_grad or psoft_b.requires_grad:
