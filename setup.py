@@ -1,7 +1,8 @@
 """Decides whether and how to build the optional CUDA extension ``pyfastpeft._C``.
 
-All metadata (name, version, dependencies, packages) lives in pyproject.toml; this file only adds
-``ext_modules`` and a ``build_ext`` command.
+All metadata (name, version, dependencies) lives in pyproject.toml; this file adds the package list (every
+family folder, found, with ``triton_kernels/`` installed as ``pyfastpeft.triton_kernels``), ``ext_modules``
+and a ``build_ext`` command.
 
 ``PYFASTPEFT_BUILD_CUDA`` (build time, default ``auto``):
 
@@ -37,6 +38,21 @@ DEFAULT_ARCH_LIST = "8.0;9.0+PTX"  # A100, H100 (+PTX: JIT for newer GPUs)
 
 def _say(msg: str) -> None:
     print(f"pyfastpeft setup: {msg}", flush=True)
+
+
+PACKAGE_DIR = {"pyfastpeft": "pyfastpeft", "pyfastpeft.triton_kernels": "triton_kernels"}
+
+
+def packages() -> list:
+    """``pyfastpeft`` and its subpackages, and ``triton_kernels/`` (with its family folders) installed as
+    ``pyfastpeft.triton_kernels``: never a top-level ``triton_kernels``."""
+    from setuptools import find_packages
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    ours = find_packages(here, include=["pyfastpeft", "pyfastpeft.*"])
+    kernels = ["pyfastpeft.triton_kernels"] + ["pyfastpeft.triton_kernels." + p
+                                               for p in find_packages(os.path.join(here, "triton_kernels"))]
+    return ours + kernels
 
 
 def build_mode() -> str:
@@ -190,7 +206,7 @@ def _forgiving_build_ext(base, mode: str):
 def main() -> None:
     ext_modules, cmdclass = cuda_extensions(build_mode())
     options = {"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {}
-    setup(ext_modules=ext_modules, cmdclass=cmdclass, options=options)
+    setup(packages=packages(), package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass, options=options)
 
 
 if __name__ == "__main__":

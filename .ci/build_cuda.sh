@@ -113,12 +113,14 @@ spec = importlib.util.spec_from_file_location("pyfastpeft._C", so)
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)  # runs PyInit__C and the static TORCH_LIBRARY registrations
 import re
-from pyfastpeft import _twin
-schemas = re.findall(r'm\.def\(\s*"(\w+)\(', open("csrc/pyfastpeft_C.cpp").read())
-assert schemas, "no m.def(...) schema found in csrc/pyfastpeft_C.cpp"
+from pyfastpeft.families import twin_checks
+import glob
+schemas = [op for f in sorted(glob.glob("csrc/**/*.cu", recursive=True) + glob.glob("csrc/**/*.cpp", recursive=True))
+           for op in re.findall(r'm\.def\(\s*"(\w+)\(', open(f).read())]
+assert schemas, "no m.def(...) schema found under csrc/"
 for op in schemas:  # every declared op is registered and has a first-use twin check
     assert hasattr(torch.ops.pyfastpeft_C, op), f"torch.ops.pyfastpeft_C.{op} is not registered"
-    assert op in _twin.TWIN_CHECKS, f"{op} has no twin check in pyfastpeft._twin.TWIN_CHECKS"
+    assert op in twin_checks(), f"{op} has no twin check in its family's TWIN_CHECKS (pyfastpeft/<family>/twin.py)"
     print(f"registered: torch.ops.pyfastpeft_C.{op}: {getattr(torch.ops.pyfastpeft_C, op).default._schema}")
 try:
     torch.ops.pyfastpeft_C.lora_shrink(torch.zeros(2, 3), torch.zeros(1, 3))

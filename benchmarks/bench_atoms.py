@@ -1,6 +1,6 @@
 """Filter-atom conv benchmark: our one-conv layer vs the frozen conv and vs the seed code's two-conv formulation.
 
-Workloads (``benchmarks/shapes.py``, ``specs/performance.md`` section 3): ResNet-50 3x3 convs and a ConvNeXt
+Workloads (``benchmarks/shapes.py``, ``docs/performance.md`` section 3): ResNet-50 3x3 convs and a ConvNeXt
 depthwise 7x7, m in {4, 9}, recursive m1 = 3. Per workload, one run measures:
 
 * saved-for-backward bytes per sample (exact, ``pfp.perf.saved_bytes``, bf16): the slope between batch 1 and 2,
@@ -23,9 +23,9 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 from torch import nn
@@ -34,10 +34,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shapes import ATOM_BATCH, ATOM_CONFIGS, ATOM_CONV_SHAPES  # noqa: E402
 
 import pyfastpeft as pfp  # noqa: E402
-from pyfastpeft import perf, testing  # noqa: E402
-from pyfastpeft.fallback.atoms import seed_atom_conv2d  # noqa: E402
+from pyfastpeft import testing  # noqa: E402
+from pyfastpeft.tools import perf  # noqa: E402
+from pyfastpeft.core.table import table  # noqa: E402
+from pyfastpeft.tools.timing import time_interleaved  # noqa: E402
+from pyfastpeft.atoms.torch_impl import seed_atom_conv2d  # noqa: E402
 from pyfastpeft.nn import AtomConv2d  # noqa: E402
-from pyfastpeft.reference.atoms import atom_conv2d_ref  # noqa: E402
+from pyfastpeft.atoms.reference import atom_conv2d_ref  # noqa: E402
 
 
 class SeedAtomConv2d(nn.Module):
@@ -92,21 +95,16 @@ def _step(mod, x, gy, params):
 
 
 def wall_clock(mods, cin, hw, batch, rounds):
+    """Median seconds of one fwd+bwd step per module: one warm-up each, then ``rounds`` interleaved rounds
+    (machine noise hits every provider alike)."""
     x = _x(batch, cin, hw, torch.float32)
-    outs = {}
     with torch.no_grad():
         shape = mods["frozen"](x).shape
     gy = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-    times = {k: [] for k in mods}
     params = {k: [p for p in m.parameters() if p.requires_grad] for k, m in mods.items()}
-    for k, m in mods.items():  # warm-up
-        _step(m, x, gy, params[k])
-    for _ in range(rounds):  # interleaved rounds: machine noise hits every provider alike
-        for k, m in mods.items():
-            t0 = time.perf_counter()
-            _step(m, x, gy, params[k])
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}, outs
+    res = time_interleaved({k: partial(_step, m, x, gy, params[k]) for k, m in mods.items()}, warmup=1,
+                           min_rounds=rounds, max_rounds=rounds)
+    return {k: t.median for k, t in res.items()}
 
 
 def gate(layer, cin, hw, batch):
@@ -140,7 +138,7 @@ def trainable_counts():
     def pred(name, m):
         return isinstance(m, nn.Conv2d) and (m.kernel_size == (3, 3) or (m.groups > 1 and m.groups == m.in_channels))
 
-    from pyfastpeft.nn.atoms import inject_conv_atoms
+    from pyfastpeft.atoms.modules import inject_conv_atoms
     for arch in ("resnet50", "convnext_tiny"):
         for m, m1 in ATOM_CONFIGS:
             model = timm.create_model(arch, pretrained=False)
@@ -183,8 +181,8 @@ def main(argv=None):
             if bad:
                 row.update(cpu_gate=bad)
             else:
-                med, _ = wall_clock({"frozen": frozen, "ours": layer, "seed": seed}, cin, hw, ATOM_BATCH["cpu"],
-                                    args.rounds)
+                med = wall_clock({"frozen": frozen, "ours": layer, "seed": seed}, cin, hw, ATOM_BATCH["cpu"],
+                                 args.rounds)
                 row.update(cpu_ms_frozen=med["frozen"] * 1e3, cpu_ms_ours=med["ours"] * 1e3,
                            cpu_ms_seed=med["seed"] * 1e3, cpu_seed_over_ours=med["seed"] / med["ours"],
                            cpu_ours_over_frozen=med["ours"] / med["frozen"])
@@ -197,7 +195,7 @@ def main(argv=None):
     meta = dict(torch=torch.__version__, python=platform.python_version(),
                 cpu=platform.processor() or platform.machine(),
                 threads=args.threads, rounds=args.rounds, pyfastpeft=pfp.__version__,
-                note="h100_* are a roofline MODEL (specs/performance.md), not measurements")
+                note="h100_* are a roofline MODEL (docs/performance.md), not measurements")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(dict(meta=meta, rows=rows, params=params), f, indent=1)
@@ -205,19 +203,19 @@ def main(argv=None):
 
 
 def markdown(rows, params) -> str:
-    out = ["| workload | m | m1 | saved B/sample frozen / ours / seed | modeled H100 ours/frozen | modeled seed/ours "
-           "| CPU seed/ours | CPU ours/frozen |", "|---|---|---|---|---|---|---|---|"]
+    body = []
     for r in rows:
-        cpu = (f"{r['cpu_seed_over_ours']:.2f}x | {r['cpu_ours_over_frozen']:.2f}x" if "cpu_seed_over_ours" in r
-               else f"gate failed: {r.get('cpu_gate')} | -")
+        cpu = ([f"{r['cpu_seed_over_ours']:.2f}x", f"{r['cpu_ours_over_frozen']:.2f}x"] if "cpu_seed_over_ours" in r
+               else [f"gate failed: {r.get('cpu_gate')}", "-"])
         saved = f"{r['saved_frozen'] / 1e6:.2f} / {r['saved_ours'] / 1e6:.2f} / {r['saved_seed'] / 1e6:.2f} MB"
-        out.append(f"| {r['workload']} | {r['m']} | {r['m1']} | {saved} | {r['h100_ours_over_frozen']:.2f}x | "
-                   f"{r['h100_seed_over_ours']:.2f}x | {cpu} |")
+        body.append([r["workload"], r["m"], r["m1"], saved, f"{r['h100_ours_over_frozen']:.2f}x",
+                     f"{r['h100_seed_over_ours']:.2f}x", *cpu])
+    out = [table(["workload", "m", "m1", "saved B/sample frozen / ours / seed", "modeled H100 ours/frozen",
+                  "modeled seed/ours", "CPU seed/ours", "CPU ours/frozen"], body, markdown=True)]
     if params:
-        out += ["", "| model | m | m1 | atom layers | trainable | total | % |", "|---|---|---|---|---|---|---|"]
-        for p in params:
-            out.append(f"| {p['model']} | {p['m']} | {p['m1']} | {p['layers']} | {p['trainable']:,} | {p['total']:,} "
-                       f"| {p['percent']:.4f} |")
+        out += ["", table(["model", "m", "m1", "atom layers", "trainable", "total", "%"],
+                          [[p["model"], p["m"], p["m1"], p["layers"], f"{p['trainable']:,}", f"{p['total']:,}",
+                            f"{p['percent']:.4f}"] for p in params], markdown=True)]
     return "\n".join(out)
 
 

@@ -1,6 +1,6 @@
 """Token-selective LoRA (TS-PEFT) benchmark: our gated layer vs the frozen linear, dense fused LoRA and PEFT LoRA.
 
-Workloads (``specs/performance.md`` section 3, ``benchmarks/shapes.py``): the Llama-3-8B and ViT-B/16
+Workloads (``docs/performance.md`` section 3, ``benchmarks/shapes.py``): the Llama-3-8B and ViT-B/16
 projections at r = 16, selected fractions 1.0 / 0.5 / 0.25. Per workload and fraction, one run measures:
 
 * saved-for-backward bytes per token (exact, ``pfp.perf.saved_bytes``, bf16 meta tensors at the GPU shape):
@@ -34,8 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shapes import LinearWorkload, lora_workloads  # noqa: E402
 
 import pyfastpeft as pfp  # noqa: E402
-from pyfastpeft import bench, perf  # noqa: E402
-from pyfastpeft.ops.gated_lora_linear import modeled_selection  # noqa: E402
+from pyfastpeft.tools import bench  # noqa: E402
+from pyfastpeft.tools import perf
+from pyfastpeft.lora.gated_lora_linear import modeled_selection  # noqa: E402
 from pyfastpeft.reference import gated_lora_linear_ref  # noqa: E402
 from pyfastpeft.testing import FWD_FACTOR, compare  # noqa: E402
 

@@ -8,7 +8,7 @@ No timing assertions: the numbers are evidence, grouped per workload.
     pytest benchmarks/bench_lora_linear.py
     PYFASTPEFT_BENCH_FULL=1 pytest benchmarks/bench_lora_linear.py   # all 18 workloads at M / 16
 
-Workloads come from ``benchmarks/shapes.py`` (= ``pyfastpeft.bench``); by default the quick subset.
+Workloads come from ``benchmarks/shapes.py`` (= ``pyfastpeft.tools.bench``); by default the quick subset.
 pytest-benchmark times each provider in its own test (not interleaved); ``pyfastpeft bench`` is the
 interleaved timer.
 """
@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from pyfastpeft import bench
+from pyfastpeft.tools import bench
 from shapes import lora_workloads
 
 FULL = os.environ.get("PYFASTPEFT_BENCH_FULL", "0") == "1"

@@ -1,6 +1,6 @@
 """Orthogonal family benchmark: batched Cayley, OFT and PSOFT layers vs the frozen layer and vs PEFT 0.21.
 
-Per ``specs/performance.md``; one run measures, per workload:
+Per ``docs/performance.md``; one run measures, per workload:
 
 * **Cayley alone**, (G, b) in {(128, 32), (64, 64), (16, 128), (1, 256)}, fwd+bwd: ours (exact; Neumann T=5)
   vs ``torch.linalg.solve`` (PEFT OFT's exact path: skew build + solve) and vs PEFT's Neumann ``bmm`` loop
@@ -24,7 +24,6 @@ import copy
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -35,9 +34,10 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pyfastpeft as pfp  # noqa: E402
-from pyfastpeft import perf  # noqa: E402
+from pyfastpeft.tools import perf  # noqa: E402
+from pyfastpeft.tools.timing import time_interleaved  # noqa: E402
 from pyfastpeft.nn import OFTLinear, PSOFTLinear  # noqa: E402
-from pyfastpeft.reference.orthogonal import cayley_ref  # noqa: E402
+from pyfastpeft.orthogonal.reference import cayley_ref  # noqa: E402
 
 warnings.filterwarnings("ignore")
 CAYLEY_SHAPES = [(128, 32), (64, 64), (16, 128), (1, 256)]
@@ -47,15 +47,7 @@ LAYER_SHAPES = [("llama 4096->4096", 4096, 4096, 8192), ("vit 768->3072", 768, 3
 
 def _median_times(fns: dict, rounds: int) -> dict:
     """Interleaved rounds (every provider once per round), medians in seconds; one warm-up each."""
-    for f in fns.values():
-        f()
-    ts = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            ts[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in ts.items()}
+    return {k: t.median for k, t in time_interleaved(fns, warmup=1, min_rounds=rounds, max_rounds=rounds).items()}
 
 
 def _modeled(fn, *args) -> float:

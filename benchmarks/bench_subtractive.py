@@ -1,4 +1,4 @@
-"""Subtractive fine-tuning (SFP) benchmarks: fit throughput and filter-block inference (``specs/performance.md``).
+"""Subtractive fine-tuning (SFP) benchmarks: fit throughput and filter-block inference (``docs/performance.md``).
 
 1. Fit accumulation, CPU measured: rows/s of the streaming ``G = X̃ᵀX̃``, ``C = X̃ᵀY`` over ``n`` rows in
    4096-row batches (as ``pfp.subtractive.fit`` feeds it), d_in = d_out = d in {768, 1024},
@@ -27,17 +27,19 @@ import copy
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 
 import torch
 
 import pyfastpeft as pfp
-from pyfastpeft import perf
+from pyfastpeft.tools import perf
+from pyfastpeft.core.table import table
+from pyfastpeft.tools.timing import time_interleaved
 from pyfastpeft.nn import FilterBlock
-from pyfastpeft.ops.gram_accumulate import gram_accumulate
+from pyfastpeft.subtractive.gram_accumulate import gram_accumulate
 
 CPU_DIVISOR = 16
 BATCH_ROWS = 4096
@@ -46,16 +48,9 @@ FULL_ROWS = (100_000, 1_000_000)
 H100 = perf.DEVICES["h100"]
 
 
-def _median_time(fn, reps: int, warmup: int = 1) -> tuple[float, float, float]:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return statistics.median(ts), ts[0], ts[-1]
+def _timed(fns: dict, reps: int, warmup: int = 1) -> dict:
+    """``{name: Timing}`` (seconds): ``warmup`` calls each, then ``reps`` interleaved rounds."""
+    return time_interleaved(fns, warmup=warmup, min_rounds=reps, max_rounds=reps)
 
 
 # ---------------------------------------------------------------------------------------------- providers
@@ -92,29 +87,25 @@ def bench_fit_cpu(n: int, d: int, reps: int) -> list[dict]:
     xs, ys = x.split(BATCH_ROWS), y.split(BATCH_ROWS)
     G0, C0 = acc_naive(xs, ys, torch.float64)
     rows = []
-    errs, times = {}, {name: [] for name in PROVIDERS}
+    errs = {}
     for name, fn in PROVIDERS.items():  # correctness gate (and warm-up) before any timing
         G, C = fn(xs, ys)
         errs[name] = max(((G.double() - G0).abs().max() / G0.abs().max()).item(),
                          ((C.double() - C0).abs().max() / C0.abs().max()).item())
     # fp32 blocks: ~u·sqrt(rows) relative error; the gate rejects only wrong results
     gated = [name for name in PROVIDERS if errs[name] <= 1e-5]
-    for _ in range(reps):  # interleaved rounds: a busy machine slows every provider alike
-        for name in gated:
-            t0 = time.perf_counter()
-            PROVIDERS[name](xs, ys)
-            times[name].append(time.perf_counter() - t0)
+    # interleaved rounds (a busy machine slows every provider alike); the gate calls were the warm-up
+    times = _timed({name: partial(PROVIDERS[name], xs, ys) for name in gated}, reps, warmup=0)
     for name in PROVIDERS:
-        ts = sorted(times[name]) or [float("nan")]
-        t = statistics.median(ts)
+        t, p20, p80, _ = times.get(name, (float("nan"),) * 4)
         rows.append(dict(section="fit-cpu", provider=name, n=n, d_in=d, d_out=d, dtype="fp32", ms_p50=t * 1e3,
-                         ms_min=ts[0] * 1e3, ms_max=ts[-1] * 1e3, rows_per_s=n / t, max_rel_err=errs[name],
+                         ms_p20=p20 * 1e3, ms_p80=p80 * 1e3, rows_per_s=n / t, max_rel_err=errs[name],
                          gate=name in gated))
         print(f"  fit-cpu n={n} d={d} {name:<17} {t * 1e3:9.1f} ms  {n / t:12,.0f} rows/s  rel err {errs[name]:.1e}",
               flush=True)
     # the solve, once per module: (d+1)^3 Cholesky in fp64
     A = G0 + 1e-4 * torch.trace(G0) / G0.shape[0] * torch.eye(G0.shape[0], dtype=torch.float64)
-    t, _, _ = _median_time(lambda: torch.cholesky_solve(C0, torch.linalg.cholesky(A)), reps)
+    t = _timed({"solve": lambda: torch.cholesky_solve(C0, torch.linalg.cholesky(A))}, reps)["solve"].median
     rows.append(dict(section="solve-cpu", provider="fp64 cholesky", n=n, d_in=d, d_out=d, ms_p50=t * 1e3))
     return rows
 
@@ -150,24 +141,17 @@ def bench_vit_block(reps: int) -> list[dict]:
     xm = torch.empty(64, 197, 768, dtype=torch.bfloat16, device="meta")
     blocks = (("ViT-B block (MLP)", base), ("ViT-B block (MLP -> FilterBlock 768x768)", sfp_block),
               ("MLP alone (fc1, GELU, fc2)", base.mlp), ("FilterBlock 768x768 alone", sfp_block.mlp))
-    times = {name: [] for name, _ in blocks}
     with torch.no_grad():
-        for name, blk in blocks:  # warm-up
-            blk(x)
-        for _ in range(reps):  # interleaved rounds
-            for name, blk in blocks:
-                t0 = time.perf_counter()
-                blk(x)
-                times[name].append(time.perf_counter() - t0)
+        times = _timed({name: partial(blk, x) for name, blk in blocks}, reps)
     for name, blk in blocks:
-        ts = sorted(times[name])
-        t, lo = statistics.median(ts), ts[0]
+        t, p20, p80, _ = times[name]
         cnt = perf.count(copy.deepcopy(blk).to(torch.bfloat16), xm)
         rl = perf.roofline(cnt)
         params = sum(p.numel() for p in blk.parameters())
         rows.append(dict(section="vit-block", provider=name, tokens_cpu=x.shape[0] * 197, ms_p50_cpu=t * 1e3,
-                         ms_min_cpu=lo * 1e3, tokens_h100=64 * 197, modeled_us_h100=rl.total_s * 1e6,
-                         flops_h100=cnt.flops, bytes_h100=cnt.bytes, launches_h100=cnt.launches, params=params))
+                         ms_p20_cpu=p20 * 1e3, ms_p80_cpu=p80 * 1e3, tokens_h100=64 * 197,
+                         modeled_us_h100=rl.total_s * 1e6, flops_h100=cnt.flops, bytes_h100=cnt.bytes,
+                         launches_h100=cnt.launches, params=params))
         print(f"  vit-block {name:<42} cpu {t * 1e3:8.2f} ms   modeled H100 {rl.total_s * 1e6:8.1f} us  "
               f"params {params:,}", flush=True)
     return rows
@@ -186,13 +170,13 @@ def bench_fit_end_to_end(reps: int) -> list[dict]:
         return pfp.subtractive.fit(blk, "mlp", data, backend="torch", progress=False)
 
     rep = run()
-    t, lo, hi = _median_time(run, reps, warmup=0)
+    t, p20, p80, _ = _timed({"fit": run}, reps, warmup=0)["fit"]
     with torch.no_grad():  # the block's forward alone, for the share of the fit that is the model's
-        tf, _, _ = _median_time(lambda: [base(b) for b in data], reps, warmup=0)
+        tf = _timed({"forward": lambda: [base(b) for b in data]}, reps, warmup=0)["forward"].median
     print(f"  fit-e2e ViT-B block mlp, {rows_n} rows: {t * 1e3:.0f} ms ({rows_n / t:,.0f} rows/s; forward alone "
           f"{tf * 1e3:.0f} ms), fit error {rep[0].fit_error:.3f}", flush=True)
     return [dict(section="fit-e2e", provider="pfp.subtractive.fit (torch backend)", n=rows_n, d_in=768, d_out=768,
-                 ms_p50=t * 1e3, ms_min=lo * 1e3, ms_max=hi * 1e3, rows_per_s=rows_n / t, forward_ms=tf * 1e3,
+                 ms_p50=t * 1e3, ms_p20=p20 * 1e3, ms_p80=p80 * 1e3, rows_per_s=rows_n / t, forward_ms=tf * 1e3,
                  fit_error=rep[0].fit_error, params_before=rep[0].params_before, params_after=rep[0].params_after)]
 
 
@@ -213,40 +197,38 @@ def _meta() -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["Fit accumulation, CPU measured (fp32 activations, 4096-row batches, d_in = d_out = d; median):", "",
-           "| d | rows | pyfastpeft-torch rows/s | naive fp64 rows/s | naive fp32 rows/s | fp64 solve (ms) |",
-           "|---|---|---|---|---|---|"]
     fit = [r for r in rows if r["section"] == "fit-cpu"]
+    body = []
     for (n, d) in sorted({(r["n"], r["d_in"]) for r in fit}, key=lambda t: (t[1], t[0])):
         by = {r["provider"]: r for r in fit if (r["n"], r["d_in"]) == (n, d)}
         solve = next(r for r in rows if r["section"] == "solve-cpu" and (r["n"], r["d_in"]) == (n, d))
-        out.append(f"| {d} | {n:,} | {by['pyfastpeft-torch']['rows_per_s']:,.0f} | "
-                   f"{by['naive-fp64']['rows_per_s']:,.0f} | {by['naive-fp32']['rows_per_s']:,.0f} | "
-                   f"{solve['ms_p50']:.1f} |")
+        body.append([d, f"{n:,}", *(f"{by[p]['rows_per_s']:,.0f}" for p in PROVIDERS), f"{solve['ms_p50']:.1f}"])
+    out = ["Fit accumulation, CPU measured (fp32 activations, 4096-row batches, d_in = d_out = d; median):", "",
+           table(["d", "rows", "pyfastpeft-torch rows/s", "naive fp64 rows/s", "naive fp32 rows/s", "fp64 solve (ms)"],
+                 body, markdown=True)]
     for r in (r for r in rows if r["section"] == "fit-e2e"):
         out += ["", f"End to end, `pfp.subtractive.fit` of one ViT-B block's MLP on {r['n']:,} token rows (CPU, fp32): "
                 f"{r['ms_p50']:.0f} ms = {r['rows_per_s']:,.0f} rows/s, of which the block's own forward "
                 f"{r['forward_ms']:.0f} ms; calibration fit error {r['fit_error']:.3f} (random init); parameters "
                 f"{r['params_before']:,} -> {r['params_after']:,}."]
+    body = [[r["d_in"], f"{r['n']:,}", r["dtype"], f"{r['modeled_us']:.0f}", f"{r['bandwidth_bound_us']:.0f}",
+             f"{r['compute_bound_us']:.0f}", f"{r['fraction_of_bandwidth_bound']:.2f}",
+             f"{r['modeled_rows_per_s']:.3g}"] for r in rows if r["section"] == "fit-h100-model"]
     out += ["", "Fit accumulation, **modeled** H100 (roofline; Triton kernel's declared cost + split reduction):", "",
-            "| d | rows | dtype | modeled (us) | bandwidth bound (us) | compute bound (us) | bound / modeled | "
-            "modeled rows/s |", "|---|---|---|---|---|---|---|---|"]
-    for r in (r for r in rows if r["section"] == "fit-h100-model"):
-        out.append(f"| {r['d_in']} | {r['n']:,} | {r['dtype']} | {r['modeled_us']:.0f} | "
-                   f"{r['bandwidth_bound_us']:.0f} | {r['compute_bound_us']:.0f} | "
-                   f"{r['fraction_of_bandwidth_bound']:.2f} | {r['modeled_rows_per_s']:.3g} |")
+            table(["d", "rows", "dtype", "modeled (us)", "bandwidth bound (us)", "compute bound (us)",
+                   "bound / modeled", "modeled rows/s"], body, markdown=True)]
     vit = [r for r in rows if r["section"] == "vit-block"]
     if vit:
+        body = [[r["provider"], f"{r['params']:,}", f"{r['ms_p50_cpu']:.2f}", f"{r['modeled_us_h100']:.1f}",
+                 f"{r['flops_h100'] / 1e9:.1f}"] for r in vit]
+        for a, b, what in ((vit[0], vit[1], "block"), (vit[2], vit[3], "MLP alone")):
+            body.append([f"ratio, {what} (filter / MLP)", f"{b['params'] / a['params']:.2f}",
+                         f"{b['ms_p50_cpu'] / a['ms_p50_cpu']:.2f}",
+                         f"{b['modeled_us_h100'] / a['modeled_us_h100']:.2f}",
+                         f"{b['flops_h100'] / a['flops_h100']:.2f}"])
         out += ["", "ViT-B/16 block forward, MLP vs filter block (CPU fp32 measured at 4 x 197 tokens; H100 bf16 "
                 "**modeled** at 64 x 197):", "",
-                "| block | params | CPU ms | modeled H100 us | H100 GFLOP |", "|---|---|---|---|---|"]
-        for r in vit:
-            out.append(f"| {r['provider']} | {r['params']:,} | {r['ms_p50_cpu']:.2f} | {r['modeled_us_h100']:.1f} | "
-                       f"{r['flops_h100'] / 1e9:.1f} |")
-        for a, b, what in ((vit[0], vit[1], "block"), (vit[2], vit[3], "MLP alone")):
-            out.append(f"| ratio, {what} (filter / MLP) | {b['params'] / a['params']:.2f} | "
-                       f"{b['ms_p50_cpu'] / a['ms_p50_cpu']:.2f} | {b['modeled_us_h100'] / a['modeled_us_h100']:.2f} | "
-                       f"{b['flops_h100'] / a['flops_h100']:.2f} |")
+                table(["block", "params", "CPU ms", "modeled H100 us", "H100 GFLOP"], body, markdown=True)]
     return "\n".join(out)
 
 

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pyfastpeft import bench
+from pyfastpeft.tools import bench
 
 
 def main(argv=None) -> int:

@@ -1,9 +1,9 @@
-"""Benchmark workloads: re-exported from :mod:`pyfastpeft.bench`, the one source of truth.
+"""Benchmark workloads: re-exported from :mod:`pyfastpeft.tools.bench`, the one source of truth.
 
-Real model dimensions (``specs/performance.md`` section 3): Llama-3-8B projections at M = 8192 tokens and
+Real model dimensions (``docs/performance.md`` section 3): Llama-3-8B projections at M = 8192 tokens and
 ViT-B/16 at M = 64 * 197, LoRA ranks 8 / 16 / 64; on a CPU, M / 16 and fp32.
 """
-from pyfastpeft.bench import (  # noqa: F401
+from pyfastpeft.tools.bench import (  # noqa: F401
     CPU_M_DIVISOR,
     LLAMA3_8B_SHAPES,
     LLAMA3_8B_TOKENS,
@@ -18,7 +18,7 @@ from pyfastpeft.bench import (  # noqa: F401
 __all__ = ["CPU_M_DIVISOR", "LLAMA3_8B_SHAPES", "LLAMA3_8B_TOKENS", "LORA_RANKS", "MODELS", "VIT_B16_SHAPES",
            "VIT_B16_TOKENS", "LinearWorkload", "lora_workloads"]
 
-# Filter-atom convs (specs/performance.md section 3): ResNet-50 3x3 convs and a ConvNeXt depthwise 7x7, batch 64
+# Filter-atom convs (docs/performance.md section 3): ResNet-50 3x3 convs and a ConvNeXt depthwise 7x7, batch 64
 # at 224 px, channels_last, bf16 on GPU; on a CPU batch 64 / 16 = 4, fp32. (label, C_in, C_out, H=W, k, groups).
 ATOM_CONV_SHAPES = [
     ("resnet50 3x3 56^2 64->64", 64, 64, 56, 3, 1),

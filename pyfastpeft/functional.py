@@ -1,5 +1,5 @@
-"""Functional API (autograd-aware). Also re-exported at the top level: ``pfp.lora_linear``."""
-from pyfastpeft.ops.gated_lora_linear import gated_lora_linear
-from pyfastpeft.ops.lora_linear import lora_linear
+"""Functional API (autograd-aware): every family's ops, also at the top level (``pfp.lora_linear``)."""
+from pyfastpeft.families import ops as _ops
 
-__all__ = ["lora_linear", "gated_lora_linear"]
+globals().update({_name: _op.fn for _name, _op in _ops().items()})
+__all__ = sorted(_ops())

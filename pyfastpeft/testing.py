@@ -108,3 +108,54 @@ def assert_rel_close(name: str, got: torch.Tensor, want: torch.Tensor, rel: floa
     g, w = got.detach().double(), want.detach().double()
     err = (g - w).norm().item() / max(w.norm().item(), 1e-30)
     assert err <= rel, f"{name}: relative error {err:.3e} > {rel:.1e}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# rows of `pyfastpeft check` (each family declares its own in pyfastpeft/<family>/checks.py)
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LinearCase:
+    """One LoRA-linear case: ``x (*lead, M, K)``, ``W (N, K)``, rank ``R``."""
+
+    name: str
+    M: int
+    K: int
+    N: int
+    R: int
+    lead: tuple[int, ...] = ()
+    bias: bool = True
+    noncontig: bool = False  # x is a transposed (column-major) view of a (K, M) leaf
+
+    @property
+    def tokens(self) -> int:
+        return self.M * math.prod(self.lead)
+
+
+@dataclass
+class OpCheck:
+    """How to check one public op.
+
+    Attributes:
+        op: the public op name (the key of ``pyfastpeft.available_backends``).
+        cases: ``(device, dtype) -> [case]``.
+        make: ``(case, generator) -> leaves`` -- fp64 CPU tensors (or None, or plain numbers); the runner
+            converts them to the dtype/device under test.
+        build: ``(leaves) -> kwargs`` of the call (views such as a transposed ``x`` are made here, so a
+            gradient always lands on a leaf).
+        call: ``(kwargs, backend) -> output``; ``ref``: ``(kwargs) -> output`` (the reference).
+        grads: names of the leaves that require gradients.
+        reduction: ``(case) -> {"out": n, <grad name>: n}`` the longest reduction behind each result.
+    """
+
+    op: str
+    cases: Callable[[torch.device, torch.dtype], list]
+    make: Callable[[Any, torch.Generator], dict]
+    build: Callable[[dict], dict]
+    call: Callable[[dict, str], torch.Tensor]
+    ref: Callable[[dict], torch.Tensor]
+    grads: tuple[str, ...]
+    reduction: Callable[[Any], dict]
+    sample_args: Optional[Callable[[torch.device, torch.dtype], tuple]] = None
+    # leaves that stay fp32 when the case runs in fp16/bf16 (as in a real model: a learnable threshold is an
+    # fp32 parameter); their gradients are judged by the low-precision rule of the activations they come from
+    keep_fp32: tuple[str, ...] = ()

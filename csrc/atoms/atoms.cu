@@ -5,7 +5,7 @@
 //   g[n,i,j,h,w] = sum_{o in group(i)} coeff[o, i mod C_in/g, j] * dy[n,o,h,w]     (never stored)
 //   dD[i,j,p,q]  = sum_{n,h,w} g[n,i,j,h,w] * x[n, i, h*s - pad + p*d, w*s - pad + q*d]   (zero outside)
 //
-// specs/atoms.md section 1: the atom gradient without the full weight gradient. One block owns one input
+// docs/atoms.md section 1: the atom gradient without the full weight gradient. One block owns one input
 // channel i and a chunk of output pixels; each thread forms g for its pixel in m registers (the 1x1
 // contraction over the group's C_out/g outputs), then for every tap multiplies by the matching x value,
 // sums over the warp's 32 pixels with shuffles and adds the warp's sum into a (m, kh*kw) fp32 accumulator
@@ -176,6 +176,14 @@ at::Tensor atom_grad_conv2d_cuda(const at::Tensor& dy, const at::Tensor& x, cons
 
 }  // namespace
 }  // namespace pyfastpeft_C
+
+// Schemas of this file's ops (the extension's namespace is created in csrc/pyfastpeft_C.cpp).
+TORCH_LIBRARY_FRAGMENT(pyfastpeft_C, m) {
+  // Filter atoms (csrc/atoms/atoms.cu): dD (C_in, m, kh, kw) fp32 of atom_conv2d without the weight gradient;
+  // dy (N, C_out, Ho, Wo), x (N, C_in, H, W) any strides, coeff (C_out, C_in/groups, m), m <= 16, kh*kw <= 64.
+  m.def("atom_grad_conv2d(Tensor dy, Tensor x, Tensor coeff, int kh, int kw, int[] stride, int[] padding,"
+        " int[] dilation, int groups) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(pyfastpeft_C, CUDA, m) {
   m.impl("atom_grad_conv2d", TORCH_FN(pyfastpeft_C::atom_grad_conv2d_cuda));

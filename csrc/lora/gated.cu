@@ -1,4 +1,4 @@
-// Token-selective LoRA (specs/token_selective.md): the gate with the stable compaction of the selected
+// Token-selective LoRA (docs/token_selective.md): the gate with the stable compaction of the selected
 // rows, and the expand on those rows only. CUDA dispatch key only; schemas in csrc/pyfastpeft_C.cpp.
 //
 //   gated_gate(u, gram, hsq, tau, scale) -> (ratio, selected, index, count)
@@ -194,6 +194,16 @@ void gated_expand_add_cuda(const at::Tensor& y, const at::Tensor& u_in, const at
 
 }  // namespace
 }  // namespace pyfastpeft_C
+
+// Schemas of this file's ops (the extension's namespace is created in csrc/pyfastpeft_C.cpp).
+TORCH_LIBRARY_FRAGMENT(pyfastpeft_C, m) {
+  // Token-selective LoRA. ratio_i = scale*sqrt(u_i^T gram u_i) / max(sqrt(sum_g hsq[g, i]), 1e-6),
+  // selected_i = ratio_i >= max(tau, 0); index[:count] the selected rows in increasing order (int32).
+  // u (M, R), gram (R, R) fp32, hsq (G, M) fp32, tau 0-dim fp32.
+  m.def("gated_gate(Tensor u, Tensor gram, Tensor hsq, Tensor tau, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  // y[index[j]] += scale * u[index[j]] @ b.T for j < count[0], in place.
+  m.def("gated_expand_add_(Tensor(a!) y, Tensor u, Tensor b, Tensor index, Tensor count, float scale) -> ()");
+}
 
 TORCH_LIBRARY_IMPL(pyfastpeft_C, CUDA, m) {
   m.impl("gated_gate", TORCH_FN(pyfastpeft_C::gated_gate_cuda));

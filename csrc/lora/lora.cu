@@ -121,6 +121,14 @@ void lora_expand_add_cuda(const at::Tensor& y, const at::Tensor& u_in, const at:
 }  // namespace
 }  // namespace pyfastpeft_C
 
+// Schemas of this file's ops (the extension's namespace is created in csrc/pyfastpeft_C.cpp).
+TORCH_LIBRARY_FRAGMENT(pyfastpeft_C, m) {
+  // u = x @ a.T; x (M, K), a (R, K) -> u (M, R) in x.dtype, fp32 accumulation.
+  m.def("lora_shrink(Tensor x, Tensor a) -> Tensor");
+  // y += scale * u @ b.T, in place; y (M, N), u (M, R), b (N, R), fp32 accumulation.
+  m.def("lora_expand_add_(Tensor(a!) y, Tensor u, Tensor b, float scale) -> ()");
+}
+
 TORCH_LIBRARY_IMPL(pyfastpeft_C, CUDA, m) {
   m.impl("lora_shrink", TORCH_FN(pyfastpeft_C::lora_shrink_cuda));
   m.impl("lora_expand_add_", TORCH_FN(pyfastpeft_C::lora_expand_add_cuda));

@@ -103,6 +103,13 @@ at::Tensor cayley_exact_cuda(const at::Tensor& v_in, int64_t block_size, bool mi
 }  // namespace
 }  // namespace pyfastpeft_C
 
+// Schemas of this file's ops (the extension's namespace is created in csrc/pyfastpeft_C.cpp).
+TORCH_LIBRARY_FRAGMENT(pyfastpeft_C, m) {
+  // Exact batched Cayley (csrc/orthogonal/cayley.cu): v (G, b(b-1)/2) fp32 packed upper triangles ->
+  // R (G, b, b) fp32, (I - Q)(I + Q)^-1 if minus else (I + Q)(I - Q)^-1; 2 <= b <= 128.
+  m.def("cayley_exact(Tensor v, int block_size, bool minus) -> Tensor");
+}
+
 TORCH_LIBRARY_IMPL(pyfastpeft_C, CUDA, m) {
   m.impl("cayley_exact", TORCH_FN(pyfastpeft_C::cayley_exact_cuda));
 }

@@ -1,9 +1,9 @@
 """Naive, differentiable, fp64-capable references: the test oracles. Never a backend.
 
-A reference imports nothing from the kernels, fallbacks or their helpers, so a bug there cannot hide
-in the oracle.
+Every family's references (``pyfastpeft/<family>/reference.py``), named ``<op>_ref``. A reference imports
+nothing from the kernels, the torch backends or their helpers, so a bug there cannot hide in the oracle.
 """
-from pyfastpeft.reference.gated_lora_linear import gated_lora_linear_ref
-from pyfastpeft.reference.lora_linear import lora_linear_ref
+from pyfastpeft.families import references as _references
 
-__all__ = ["lora_linear_ref", "gated_lora_linear_ref"]
+globals().update(_references())
+__all__ = list(_references())

@@ -1,0 +1,303 @@
+"""LoRA linear: ``y = x Wᵀ + b + scale · dropout(x) Aᵀ Bᵀ`` (PEFT's ``lora.Linear``), base weight frozen.
+
+Shapes: ``x (..., K)``, ``weight (N, K)``, ``bias (N,)`` or None, ``lora_a (R, K)``, ``lora_b (N, R)``.
+Saved for backward: ``x_lora`` (x itself, or its dropped-out copy) and ``u = x_lora Aᵀ (M, R)``;
+W, A, B are parameters and are re-read, not saved. Without dropout that is exactly what PEFT saves.
+
+Layering (flash-attention's): two ``torch.library.custom_op`` primitives, ``pyfastpeft::lora_linear_fwd``
+and ``pyfastpeft::lora_linear_bwd`` (each with a fake, so ``torch.compile`` sees one opaque node and never
+traces the registry), glued by :class:`LoRALinearFn`; the backend registry runs inside the primitives.
+
+Backends:
+* ``cuda``: cuBLAS (through ATen) for the two big GEMMs, ``pyfastpeft._C`` kernels for the rank-r
+  shrink and expand (each checked once per GPU against torch before first use).
+* ``triton``: fused kernels (``pyfastpeft.triton_kernels.lora.lora_linear``): the shrink shares the base
+  GEMM's reads of x, the expand is its epilogue; backward computes ``dy W + (s·dy B) A`` in one GEMM.
+* ``torch``: ``pyfastpeft.lora.torch_impl``, the contract the others implement.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pyfastpeft.core import ext as _ext
+from pyfastpeft.core.cost import launch
+from pyfastpeft.core.checks import (FLOAT_DTYPES, autocast_on, check_bias, check_same_device, check_tensor,
+                                     compute_dtype)
+from pyfastpeft.core.backend import (Backend, OpRegistry,
+                                  triton_available as _triton_available,
+                                  triton_devices as _triton_devices,
+                                  triton_why as _triton_why)
+from pyfastpeft.lora import torch_impl as _fallback
+
+# Auto order: Triton first. Its kernels are the fused path (shrink in the base GEMM's K loop, expand in
+# its epilogue); the cuda path is cuBLAS plus separate rank-r kernels, whose expand re-reads and re-writes
+# y (and dx). Modeled on an H100 (r=16, K=N=4096, M=8192, bf16) that is ~1.28x the frozen layer's
+# fwd+bwd against ~1.10x for Triton, so cuda serves where Triton is not installed.
+_ORDER = ("triton", "cuda", "torch")
+FWD = OpRegistry("lora_linear_fwd", public="lora_linear", order=_ORDER)
+BWD = OpRegistry("lora_linear_bwd", public="lora_linear", order=_ORDER)
+
+
+
+# --------------------------------------------------------------------------------------------- backends
+def _tk():
+    from pyfastpeft.triton_kernels.lora import lora_linear as tk  # lazy: decorating kernels imports triton
+
+    return tk
+
+
+def _triton_supports_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale):
+    return _tk().supports(x.dtype, lora_a.shape[0])
+
+
+def _triton_supports_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode):
+    return _tk().supports(dy.dtype, lora_a.shape[0])
+
+
+def _triton_fwd(*args):
+    return _tk().lora_fwd(*args)
+
+
+def _triton_bwd(*args):
+    return _tk().lora_bwd(*args)
+
+
+_CUDA_OPS = ("lora_shrink", "lora_expand_add_")
+
+
+def _cuda_available(ops: tuple[str, ...] = _CUDA_OPS) -> bool:
+    return all(_ext.has_op(op) for op in ops)
+
+
+def _cuda_supports(t: Tensor, ops: tuple[str, ...] = _CUDA_OPS) -> Optional[str]:
+    """None if the ``pyfastpeft._C`` kernels ``ops`` take ``t``'s dtype and passed their twin check on its GPU."""
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {t.dtype} (pyfastpeft._C LoRA kernels take fp32, fp16, bf16)"
+    from pyfastpeft.core.twin import cuda_ops_ok
+    from pyfastpeft.lora.twin import TWIN_CHECKS
+
+    return cuda_ops_ok(ops, t.device, TWIN_CHECKS)
+
+
+def _cuda_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale):
+    C = torch.ops.pyfastpeft_C
+    y = F.linear(x, weight, bias)  # cuBLAS
+    u = C.lora_shrink(x if x_lora is None else x_lora, lora_a)
+    C.lora_expand_add_(y, u, lora_b, scale)  # y += scale · u Bᵀ, in place on the fresh y
+    return y, u
+
+
+def _cuda_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode):
+    C = torch.ops.pyfastpeft_C
+    g = C.lora_shrink(dy, lora_b.t().contiguous())  # dy B  (M, R); Bᵀ is a tiny (R, N) copy
+    da = torch.mm(g.t(), x_lora).mul_(scale)
+    db = torch.mm(dy.t(), u).mul_(scale)
+    if dx_mode == 0:
+        return dy.new_empty((0,)), dy.new_empty((0,)), da, db
+    at = lora_a.t().contiguous()  # (K, R)
+    dx = torch.mm(dy, weight)
+    if dx_mode == 1:
+        C.lora_expand_add_(dx, g, at, scale)
+        return dx, dy.new_empty((0,)), da, db
+    dxl = torch.zeros_like(dx)
+    C.lora_expand_add_(dxl, g, at, scale)
+    return dx, dxl, da, db
+
+
+FWD.register(Backend("torch", _fallback.fwd, devices=lambda: ("cpu", "cuda")))
+BWD.register(Backend("torch", _fallback.bwd, devices=lambda: ("cpu", "cuda")))
+FWD.register(Backend("triton", _triton_fwd, devices=_triton_devices, available=_triton_available,
+                     supports=_triton_supports_fwd, why_unavailable=_triton_why))
+BWD.register(Backend("triton", _triton_bwd, devices=_triton_devices, available=_triton_available,
+                     supports=_triton_supports_bwd, why_unavailable=_triton_why))
+FWD.register(Backend("cuda", _cuda_fwd, devices=lambda: ("cuda",), available=_cuda_available,
+                     supports=lambda x, *a: _cuda_supports(x), why_unavailable=_ext.why_unavailable))
+BWD.register(Backend("cuda", _cuda_bwd, devices=lambda: ("cuda",), available=_cuda_available,
+                     supports=lambda dy, *a: _cuda_supports(dy), why_unavailable=_ext.why_unavailable))
+
+
+# --------------------------------------------------------------------------------------------- primitives
+@torch.library.custom_op("pyfastpeft::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(x: Tensor, x_lora: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                    lora_b: Tensor, scale: float, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """Primitive forward on 2-D ``x (M, K)``: returns ``(y (M, N), u (M, R))``."""
+    impl = FWD.select(x.device, x, x_lora, weight, bias, lora_a, lora_b, scale, backend=backend)
+    return impl.fn(x, x_lora, weight, bias, lora_a, lora_b, scale)
+
+
+@lora_linear_fwd.register_fake
+def _(x, x_lora, weight, bias, lora_a, lora_b, scale, backend=None):
+    M = x.shape[0]
+    return x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_a.shape[0]))
+
+
+@torch.library.custom_op("pyfastpeft::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(dy: Tensor, x_lora: Tensor, u: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
+                    scale: float, dx_mode: int, backend: Optional[str] = None
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Primitive backward: ``(dx, dx_lora, dA, dB)``; see ``pyfastpeft.lora.torch_impl``."""
+    impl = BWD.select(dy.device, dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode, backend=backend)
+    return impl.fn(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode)
+
+
+@lora_linear_bwd.register_fake
+def _(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode, backend=None):
+    M, K = dy.shape[0], weight.shape[1]
+    dx = dy.new_empty((M, K) if dx_mode else (0,))
+    dxl = dy.new_empty((M, K) if dx_mode == 2 else (0,))
+    return dx, dxl, dy.new_empty(lora_a.shape), dy.new_empty(lora_b.shape)
+
+
+class LoRALinearFn(torch.autograd.Function):
+    """Autograd glue on 2-D inputs. ``x_lora`` is None (no dropout) or ``dropout(x)``."""
+
+    @staticmethod
+    def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, scale, backend):
+        y, u = torch.ops.pyfastpeft.lora_linear_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale, backend)
+        ctx.has_xl = x_lora is not None
+        ctx.scale, ctx.backend = scale, backend
+        ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
+        # save only what backward reads: x_lora (or x) for dA and u for dB; W, A, B are parameters
+        ctx.save_for_backward(x if x_lora is None else x_lora, u, weight, lora_a, lora_b)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_lora, u, weight, lora_a, lora_b = ctx.saved_tensors
+        need_x, need_xl = ctx.needs_input_grad[0], ctx.has_xl and ctx.needs_input_grad[1]
+        if ctx.has_xl:
+            dx_mode = 2 if need_xl else (3 if need_x else 0)
+        else:
+            dx_mode = 1 if need_x else 0
+        # mode 3 (dropout, only the base path needs dx) is mode 2 with the lora part dropped
+        dx, dxl, da, db = torch.ops.pyfastpeft.lora_linear_bwd(
+            dy.contiguous(), x_lora, u, weight, lora_a, lora_b, ctx.scale, min(dx_mode, 2), ctx.backend)
+        dbias = dy.sum(0) if ctx.bias_grad else None
+        return (dx if need_x else None, dxl if need_xl else None, None, dbias,
+                da if ctx.needs_input_grad[4] else None, db if ctx.needs_input_grad[5] else None, None, None)
+
+
+# --------------------------------------------------------------------------------------------- public API
+
+
+
+
+
+
+def validate_lora_args(x, weight, bias, lora_a, lora_b, scale, dropout_p) -> None:
+    """Clear errors naming the argument and what was expected (shared with the gated variant)."""
+    check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x must have a last dimension of size in_features, got a 0-D tensor")
+    check_tensor("weight", weight, 2)
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x.shape[-1] must equal weight.shape[1] (in_features={K}), got x of shape {tuple(x.shape)}")
+    check_tensor("lora_a", lora_a, 2)
+    check_tensor("lora_b", lora_b, 2)
+    R = lora_a.shape[0]
+    if R < 1:
+        raise ValueError(f"lora_a must have rank >= 1 rows, got shape {tuple(lora_a.shape)}")
+    if lora_a.shape[1] != K:
+        raise ValueError(f"lora_a must have shape (r, {K}) (in_features={K}), got {tuple(lora_a.shape)}")
+    if tuple(lora_b.shape) != (N, R):
+        raise ValueError(f"lora_b must have shape ({N}, {R}) = (out_features, r), got {tuple(lora_b.shape)}")
+    check_bias(bias, N)
+    check_same_device(x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+    if weight.dtype != x.dtype and not autocast_on(x.device.type):
+        raise ValueError(f"weight dtype {weight.dtype} must match x dtype {x.dtype} (or run under autocast)")
+    if weight.requires_grad:
+        raise ValueError("weight must be frozen (requires_grad=False): LoRA trains only lora_a and lora_b")
+    if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.SymFloat)):
+        raise ValueError(f"scale must be a finite real number, got {scale!r}")
+    # a traced (symbolic) scale is checked in eager mode only: math.isfinite would break the graph
+    if not torch.compiler.is_compiling() and not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be a finite real number, got {scale!r}")
+    if not isinstance(dropout_p, (numbers.Real, torch.SymFloat)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+
+
+
+
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scale: float,
+                *, dropout_p: float = 0.0, backend: Optional[str] = None) -> Tensor:
+    """LoRA linear layer: ``y = x Wᵀ + b + scale · dropout(x) Aᵀ Bᵀ`` with the base weight frozen.
+
+    Args:
+        x: ``(..., K)`` input, any leading dims, any strides.
+        weight: ``(N, K)`` frozen base weight (``requires_grad=False``), same dtype as x.
+        bias: ``(N,)`` or None; it may require grad (its gradient is ``dy.sum(0)``).
+        lora_a: ``(R, K)``; lora_b: ``(N, R)``. Cast to the compute dtype (gradients flow back in theirs).
+        scale: ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
+        dropout_p: dropout probability on the input of A only, as PEFT; applied whenever ``> 0`` (a module
+            passes 0 in eval mode).
+        backend: ``"cuda" | "triton" | "torch" | None`` (auto). A forced backend that cannot run raises
+            :class:`pyfastpeft.BackendUnavailable`.
+
+    Returns:
+        ``(..., N)`` in the compute dtype (x's, or the autocast dtype). Kernels accumulate in fp32.
+
+    Example:
+        >>> import torch, pyfastpeft as pfp
+        >>> x, w = torch.randn(4, 8), torch.randn(6, 8)
+        >>> a, b = torch.randn(2, 8, requires_grad=True), torch.randn(6, 2, requires_grad=True)
+        >>> pfp.lora_linear(x, w, None, a, b, 0.5).shape
+        torch.Size([4, 6])
+    """
+    validate_lora_args(x, weight, bias, lora_a, lora_b, scale, dropout_p)
+    dt = compute_dtype(x)
+    K, N = weight.shape[1], weight.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.to(dt).reshape(-1, K)
+    x_lora = F.dropout(x2, float(dropout_p), training=True) if dropout_p > 0 else None
+    y = LoRALinearFn.apply(x2, x_lora, weight.to(dt), None if bias is None else bias.to(dt), lora_a.to(dt),
+                           lora_b.to(dt), float(scale), backend)
+    return y.reshape(*lead, N)
+
+
+def explain_args(x, weight, bias, lora_a, lora_b, scale, *, dropout_p=0.0, backend=None):
+    """Map public arguments to the forward primitive's (for ``pfp.explain``)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return FWD, x.device, (x2, None, weight, bias, lora_a, lora_b, float(scale)), backend
+
+
+# --------------------------------------------------------------------------------------------- cost model
+
+
+def _fwd_cost(args, kwargs, outputs):
+    """Launches of the Triton forward (the GPU fast path), for ``pfp.perf.count``."""
+    from pyfastpeft.triton_kernels.lora._lora_linear_cost import fwd_cost
+
+    x, x_lora, weight, bias, lora_a = args[:5]
+    (M, K), N, R = x.shape, weight.shape[0], lora_a.shape[0]
+    c = fwd_cost(M, N, K, R, x.element_size(), has_bias=bias is not None, has_xl=x_lora is not None)
+    return [launch("triton:lora_fwd", c, x.dtype)]
+
+
+def _bwd_cost(args, kwargs, outputs):
+    """Launches of the Triton backward: the fused dx kernel and the two weight-gradient GEMMs."""
+    from pyfastpeft.triton_kernels.lora._lora_linear_cost import bwd_dx_cost, tn_cost
+
+    dy, x_lora, u, weight, lora_a = args[:5]
+    dx_mode = args[7]
+    (M, N), K, R, s = dy.shape, weight.shape[1], lora_a.shape[0], dy.element_size()
+    return [launch("triton:lora_bwd_dx", bwd_dx_cost(M, N, K, R, s, dx_mode=dx_mode), dy.dtype),
+            launch("triton:matmul_tn(dA)", tn_cost(M, R, K, s), dy.dtype),
+            launch("triton:matmul_tn(dB)", tn_cost(M, N, R, s), dy.dtype)]
+
+
+
+
+# declared costs, registered by the performance model (pfp.perf) when it is imported
+COSTS = {
+    "pyfastpeft::lora_linear_fwd": _fwd_cost,
+    "pyfastpeft::lora_linear_bwd": _bwd_cost,
+}

@@ -1,0 +1,42 @@
+"""``torch`` backend of LoRA linear: the contract every backend of ``lora_linear_fwd/bwd`` implements.
+
+Forward, on 2-D ``x (M, K)``:
+    y = x Wᵀ + bias + scale · u Bᵀ,   u = x_lora Aᵀ   (x_lora = dropout(x), or x itself when None)
+returns ``(y (M, N), u (M, R))``; backward saves only ``x_lora`` and ``u`` (W, A, B are parameters).
+
+Backward, with ``g = scale · dy B (M, R)``:
+    dx = dy W + g A         (dx_mode 1: one tensor)
+    dx = dy W,  dx_lora = g A   (dx_mode 2: dropout, the LoRA part flows back through the mask)
+    dA = gᵀ x_lora,  dB = scale · dyᵀ u
+``dx_mode`` 0 skips the input gradient entirely (x does not require grad). Outputs that are not computed
+come back as empty ``(0,)`` tensors (custom ops return tensors, never None).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from pyfastpeft.core.alloc import empty_out
+
+
+def fwd(x: Tensor, x_lora: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+        lora_b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    u = torch.mm(x if x_lora is None else x_lora, lora_a.t())
+    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    y.addmm_(u, lora_b.t(), alpha=scale)
+    return y, u
+
+
+def bwd(dy: Tensor, x_lora: Tensor, u: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
+        dx_mode: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    g = torch.mm(dy, lora_b).mul_(scale)
+    da = torch.mm(g.t(), x_lora)
+    db = torch.mm(dy.t(), u).mul_(scale)
+    if dx_mode == 0:  # custom-op outputs may not alias each other: two distinct empty tensors
+        return empty_out((0,), like=dy), empty_out((0,), like=dy), da, db
+    dx = torch.mm(dy, weight)
+    if dx_mode == 1:
+        return dx.addmm_(g, lora_a), empty_out((0,), like=dy), da, db
+    return dx, torch.mm(g, lora_a), da, db

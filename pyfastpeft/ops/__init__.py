@@ -1,1 +1,0 @@
-"""Registry wiring, ``torch.library`` primitives, autograd glue and the functional API of every op."""

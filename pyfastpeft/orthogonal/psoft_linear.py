@@ -1,0 +1,184 @@
+"""PSOFT linear (principal-subspace orthogonal fine-tuning; PEFT's ``psoft.Linear``): ``docs/orthogonal.md`` §4.
+
+    R  = cayley_plus(Q)  (exact, or PEFT's Neumann series with its optional Frobenius rescale ``eps``)
+    R' = diag(vector_b) · R · diag(vector_a)
+    u  = x Aᵀ                                   (M, r)
+    y  = x Wᵀ + bias + s · (u R'ᵀ − u) Bᵀ       (computed as s · (u (R' − I)ᵀ) Bᵀ)
+
+Shapes: ``x (..., K)``, ``weight (N, K)`` frozen, ``psoft_a (r, K)`` and ``psoft_b (N, r)`` frozen,
+``psoft_v (r(r−1)/2,)`` (PEFT's ``psoft_R.weight``) or ``(1, r(r−1)/2)``, ``vector_a``/``vector_b``
+``(r,)`` or None, ``s = psoft_alpha / r``.
+Saved for backward: ``u (M, r)`` only (W, A, B are frozen and re-read; ``R'`` is ``r × r``).
+Backward: ``g = dy B``; ``dR' = s gᵀ u``; ``dx = dy W + s (g (R' − I)) A``; ``R'``'s gradient flows to the
+vectors and through the Cayley op to ``psoft_v``.
+
+Backends of ``pyfastpeft::psoft_linear_fwd/bwd``: ``torch`` (``pyfastpeft.orthogonal.torch_impl``). The
+fused shrink → rotation → expand Triton path is not written yet: forcing ``triton``/``cuda`` raises.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from pyfastpeft.core.backend import Backend, OpRegistry
+from pyfastpeft.core.cost import torch_path_cost
+from pyfastpeft.orthogonal import torch_impl as _fallback
+from pyfastpeft.orthogonal.cayley import cayley_work, validate_cayley_args
+from pyfastpeft.core.checks import check_bias, check_same_device, check_tensor
+
+FWD = OpRegistry("psoft_linear_fwd", public="psoft_linear")
+BWD = OpRegistry("psoft_linear_bwd", public="psoft_linear")
+
+FWD.register(Backend("torch", _fallback.psoft_fwd, devices=lambda: ("cpu", "cuda")))
+BWD.register(Backend("torch", _fallback.psoft_bwd, devices=lambda: ("cpu", "cuda")))
+
+
+@torch.library.custom_op("pyfastpeft::psoft_linear_fwd", mutates_args=())
+def psoft_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], psoft_a: Tensor, psoft_b: Tensor,
+                     Rp: Tensor, scale: float, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """Primitive forward on 2-D ``x (M, K)``: ``(y (M, N), u (M, r))``."""
+    impl = FWD.select(x.device, x, weight, bias, psoft_a, psoft_b, Rp, scale, backend=backend)
+    return impl.fn(x, weight, bias, psoft_a, psoft_b, Rp, scale)
+
+
+@psoft_linear_fwd.register_fake
+def _(x, weight, bias, psoft_a, psoft_b, Rp, scale, backend=None):
+    M = x.shape[0]
+    return x.new_empty((M, weight.shape[0])), x.new_empty((M, psoft_a.shape[0]))
+
+
+@torch.library.custom_op("pyfastpeft::psoft_linear_bwd", mutates_args=())
+def psoft_linear_bwd(dy: Tensor, u: Tensor, weight: Tensor, psoft_a: Tensor, psoft_b: Tensor, Rp: Tensor,
+                     scale: float, need_dx: bool, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """Primitive backward: ``(dx (M, K) or (0,), dR' (r, r))``."""
+    impl = BWD.select(dy.device, dy, u, weight, psoft_a, psoft_b, Rp, scale, need_dx, backend=backend)
+    return impl.fn(dy, u, weight, psoft_a, psoft_b, Rp, scale, need_dx)
+
+
+@psoft_linear_bwd.register_fake
+def _(dy, u, weight, psoft_a, psoft_b, Rp, scale, need_dx, backend=None):
+    return dy.new_empty((dy.shape[0], weight.shape[1]) if need_dx else (0,)), Rp.new_empty(Rp.shape)
+
+
+class PSOFTLinearFn(torch.autograd.Function):
+    """Autograd glue on 2-D ``x``; ``Rp`` is ``diag(vector_b) R diag(vector_a)`` in the work dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, psoft_a, psoft_b, Rp, scale, backend):
+        y, u = torch.ops.pyfastpeft.psoft_linear_fwd(x, weight, bias, psoft_a, psoft_b, Rp, scale, backend)
+        ctx.scale, ctx.backend = scale, backend
+        ctx.bias_grad = bias is not None and ctx.needs_input_grad[2]
+        ctx.save_for_backward(u, weight, psoft_a, psoft_b, Rp)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, weight, psoft_a, psoft_b, Rp = ctx.saved_tensors
+        need_dx = bool(ctx.needs_input_grad[0])
+        dx, dRp = torch.ops.pyfastpeft.psoft_linear_bwd(dy.contiguous(), u, weight, psoft_a, psoft_b, Rp,
+                                                        ctx.scale, need_dx, ctx.backend)
+        dbias = dy.sum(0) if ctx.bias_grad else None
+        return (dx if need_dx else None, None, dbias, None, None, dRp if ctx.needs_input_grad[5] else None,
+                None, None)
+
+
+def validate_psoft_args(x, weight, bias, psoft_a, psoft_b, psoft_v, vector_a, vector_b, scale, method, terms,
+                        eps) -> None:
+    """Clear errors naming the argument and what was expected."""
+    check_tensor("x", x)
+    check_tensor("weight", weight, 2)
+    N, K = weight.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x.shape[-1] must equal weight.shape[1] (in_features={K}), got x of shape {tuple(x.shape)}")
+    check_tensor("psoft_a", psoft_a, 2)
+    r = psoft_a.shape[0]
+    if r < 1 or r > min(K, N):
+        raise ValueError(f"r = psoft_a.shape[0] must be in 1..min(in_features, out_features) = {min(K, N)}, got {r}")
+    if psoft_a.shape[1] != K:
+        raise ValueError(f"psoft_a must have shape (r, {K}) (in_features={K}), got {tuple(psoft_a.shape)}")
+    check_tensor("psoft_b", psoft_b, 2)
+    if tuple(psoft_b.shape) != (N, r):
+        raise ValueError(f"psoft_b must have shape ({N}, {r}) = (out_features, r), got {tuple(psoft_b.shape)}")
+    if not isinstance(psoft_v, Tensor):
+        raise TypeError(f"psoft_v must be a torch.Tensor, got {type(psoft_v).__name__}")
+    n = r * (r - 1) // 2
+    if psoft_v.shape not in ((n,), (1, n)):
+        raise ValueError(f"psoft_v must have shape (r*(r-1)/2,) = ({n},) for r={r}, got {tuple(psoft_v.shape)}")
+    validate_cayley_args(psoft_v.reshape(1, -1), r, method, "plus", terms, eps, name="psoft_v")
+    for name, vec in (("vector_a", vector_a), ("vector_b", vector_b)):
+        if vec is not None:
+            check_tensor(name, vec, 1)
+            if vec.shape[0] != r:
+                raise ValueError(f"{name} must have shape ({r},) (r) or be None, got {tuple(vec.shape)}")
+    check_bias(bias, N)
+    check_same_device(x, weight=weight, bias=bias, psoft_a=psoft_a, psoft_b=psoft_b, psoft_v=psoft_v,
+                      vector_a=vector_a, vector_b=vector_b)
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    if weight.requires_grad or psoft_a.requires_grad or psoft_b.requires_grad:
+        raise ValueError("weight, psoft_a and psoft_b must be frozen (requires_grad=False): PSOFT trains psoft_v "
+                         "and the vectors only")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be a finite real number, got {scale!r}")
+
+
+def psoft_rotation(psoft_v: Tensor, r: int, vector_a: Optional[Tensor], vector_b: Optional[Tensor], method: str,
+                   terms: int, eps: Optional[float], backend: Optional[str]) -> Tensor:
+    """``R' = diag(vector_b) R diag(vector_a)`` (r, r) in the work dtype, differentiable."""
+    R = cayley_work(psoft_v.reshape(1, -1), r, method, "plus", terms, eps, backend)[0]
+    if vector_b is not None:
+        R = vector_b.to(R.dtype)[:, None] * R
+    if vector_a is not None:
+        R = R * vector_a.to(R.dtype)[None, :]
+    return R
+
+
+def psoft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], psoft_a: Tensor, psoft_b: Tensor,
+                 psoft_v: Tensor, vector_a: Optional[Tensor], vector_b: Optional[Tensor], scale: float, *,
+                 method: str = "exact", terms: int = 5, eps: Optional[float] = None,
+                 backend: Optional[str] = None) -> Tensor:
+    """PSOFT linear: ``y = x Wᵀ + bias + s · (u R'ᵀ − u) Bᵀ``, ``u = x Aᵀ``.
+
+    Args:
+        x: ``(..., K)``. weight: ``(N, K)`` frozen. bias: ``(N,)`` or None.
+        psoft_a: ``(r, K)``, psoft_b: ``(N, r)``: the frozen SVD factors (PEFT's ``_psoft_A_cache`` /
+            ``_psoft_B_cache``); cast to x's dtype.
+        psoft_v: ``(r(r−1)/2,)`` packed skew generator (PEFT's ``psoft_R.weight``).
+        vector_a, vector_b: ``(r,)`` or None (PEFT's ``psoft_mag_a`` / ``psoft_mag_b``).
+        scale: ``psoft_alpha / r``.
+        method: ``"exact"`` (``(I + Q)(I − Q)⁻¹``, fp32 solve) or ``"neumann"`` (PEFT's series, ``terms``
+            terms, optional rescale ``eps`` = PEFT's ``cayley_neumann_eps``).
+        backend: ``"torch" | None`` (auto) for the layer op (the Cayley transform picks its own fastest).
+
+    Returns:
+        ``(..., N)`` in x's dtype.
+    """
+    validate_psoft_args(x, weight, bias, psoft_a, psoft_b, psoft_v, vector_a, vector_b, scale, method, terms, eps)
+    r = psoft_a.shape[0]
+    Rp = psoft_rotation(psoft_v, r, vector_a, vector_b, method, terms, eps, backend if backend == "torch" else None)
+    if x.dtype == torch.float64:
+        Rp = Rp.double()
+    K, N = weight.shape[1], weight.shape[0]
+    lead = x.shape[:-1]
+    y = PSOFTLinearFn.apply(x.reshape(-1, K), weight, bias, psoft_a.to(x.dtype), psoft_b.to(x.dtype), Rp,
+                            float(scale), backend)
+    return y.reshape(*lead, N)
+
+
+def explain_args(x, weight, bias, psoft_a, psoft_b, psoft_v, vector_a, vector_b, scale, *, method="exact",
+                 terms=5, eps=None, backend=None):
+    """Map public arguments to the forward primitive's (for ``pfp.explain``)."""
+    r = psoft_a.shape[0]
+    Rp = torch.empty((r, r), device=x.device, dtype=torch.float32)
+    return FWD, x.device, (x.reshape(-1, x.shape[-1]), weight, bias, psoft_a, psoft_b, Rp, float(scale)), backend
+
+
+# declared costs, registered by the performance model (pfp.perf) when it is imported
+COSTS = {
+    "pyfastpeft::psoft_linear_fwd": torch_path_cost(_fallback.psoft_fwd),
+    "pyfastpeft::psoft_linear_bwd": torch_path_cost(_fallback.psoft_bwd),
+}

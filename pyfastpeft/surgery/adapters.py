@@ -1,0 +1,160 @@
+"""Adapters on disk: :func:`save_adapter` writes a model's adapters (safetensors + a JSON config),
+:func:`load_adapter` injects and fills them into a freshly built base model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from pyfastpeft.core.version import __version__
+from pyfastpeft.families import modules as _family_modules
+from pyfastpeft.surgery.injection import _freeze_all_but_adapters, _replace, build_adapter
+from pyfastpeft.surgery.match import _close_names
+from pyfastpeft.surgery.methods import adapter_state_dict, base_layer_of, is_adapter, method_of
+
+FORMAT = "pyfastpeft-adapter"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+
+
+def _jsonable(cfg: Any, where: str) -> Any:
+    try:
+        json.dumps(cfg, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"save_adapter: {where}.adapter_config() is not JSON-serialisable: {e}") from e
+    return cfg
+
+
+def save_adapter(model: nn.Module, path) -> Dict[str, Any]:
+    """Write the adapters of ``model`` to the directory ``path``: ``adapter_model.safetensors`` (adapter
+    parameters and buffers, at their full module path) and ``adapter_config.json`` (method, class, base
+    layer type and shape, ``adapter_config()`` per module, pyfastpeft/torch versions). Returns the JSON dict.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    tensors: Dict[str, torch.Tensor] = {}
+    modules: Dict[str, Any] = {}
+    for name, mod in model.named_modules():
+        if not is_adapter(mod):
+            continue
+        meth = method_of(mod)
+        cfg_fn = getattr(mod, "adapter_config", None)
+        # a module that replaces what it stands for (SFP's FilterBlock) is rebuilt by its own from_config
+        by_config = meth is None and callable(getattr(type(mod), "from_config", None))
+        if (meth is None and not by_config) or not callable(cfg_fn):
+            raise ValueError(f"save_adapter: module {name!r} ({type(mod).__name__}) has no method in METHODS, "
+                             "no from_config() or no adapter_config(); it cannot be rebuilt on load")
+        base = base_layer_of(mod)
+        modules[name] = {
+            "method": meth, "builder": "from_config" if by_config else "method", "class": type(mod).__name__,
+            "base_type": type(base).__name__ if base is not None else None,
+            "base_weight_shape": list(base.weight.shape) if base is not None and hasattr(base, "weight") else None,
+            "config": _jsonable(cfg_fn(), name),
+            "backend": getattr(mod, "backend", None),
+        }
+        for k, t in adapter_state_dict(mod).items():
+            tensors[f"{name}.{k}" if name else k] = t.detach().contiguous().cpu()
+    if not modules:
+        raise ValueError("save_adapter: the model holds no pyfastpeft adapter layer")
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "pyfastpeft_version": __version__,
+            "torch_version": torch.__version__, "modules": modules}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": FORMAT, "pyfastpeft": __version__})
+    (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    return meta
+
+
+def _from_config(name: str, mod: nn.Module, info: dict, tensors: Dict[str, torch.Tensor]) -> nn.Module:
+    """A module that takes the place of ``mod`` (e.g. ``FilterBlock``), in the saved tensors' dtype."""
+    cls = _family_modules().get(info["class"])
+    if cls is None:
+        raise ValueError(f"load_adapter: module {name!r} needs pyfastpeft.nn.{info['class']}, which is not "
+                         "available in this install")
+    ref = next(iter(list(mod.parameters()) + list(mod.buffers())), None)
+    saved = [t for k, t in tensors.items() if k.startswith(name + ".") and t.is_floating_point()]
+    dtype = saved[0].dtype if saved else (ref.dtype if ref is not None else None)
+    try:
+        new = cls.from_config(info["config"], device=ref.device if ref is not None else None, dtype=dtype)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"load_adapter: {info['class']}.from_config failed for module {name!r}: {e}") from e
+    new.train(mod.training)
+    return new
+
+
+def load_adapter(model: nn.Module, path, *, backend: Optional[str] = None) -> nn.Module:
+    """Load an adapter saved by :func:`save_adapter` into ``model``; returns ``model``.
+
+    ``model`` is a freshly built base model (each saved module path holds the plain base layer: the adapter
+    is injected with the saved ``adapter_config``) or one that already holds the same adapters. Tensors are
+    copied bit for bit (same dtype). Everything but the adapters is frozen, as after :func:`inject`.
+    Nothing is changed when an error is raised: a missing module, a class mismatch, or a tensor whose shape
+    differs (the error names the tensor and both shapes).
+    """
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    cfg_path, w_path = (p / CONFIG_NAME, p / WEIGHTS_NAME) if p.is_dir() else (p.with_suffix(".json"), p)
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise ValueError(f"load_adapter: expected {CONFIG_NAME} and {WEIGHTS_NAME} in {str(p)!r}")
+    meta = json.loads(cfg_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"load_adapter: {str(cfg_path)!r} is not a {FORMAT} file (format={meta.get('format')!r})")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"load_adapter: format_version {meta['format_version']} is newer than this pyfastpeft "
+                         f"reads ({FORMAT_VERSION}); upgrade pyfastpeft")
+    tensors = load_file(str(w_path))
+    modules = dict(model.named_modules())
+    # 1. build (not install) each adapter, or reuse an installed one of the same class
+    built: Dict[str, nn.Module] = {}
+    frozen_before: Dict[int, bool] = {id(q): q.requires_grad for q in model.parameters()}
+    try:
+        for name, info in meta["modules"].items():
+            mod = modules.get(name)
+            if mod is None:
+                raise ValueError(f"load_adapter: the model has no module {name!r}; close names: "
+                                 f"{_close_names(name, modules)}")
+            if info.get("builder") == "from_config" and not (is_adapter(mod) and type(mod).__name__ == info["class"]):
+                built[name] = _from_config(name, mod, info, tensors)
+            elif is_adapter(mod):
+                if type(mod).__name__ != info["class"]:
+                    raise ValueError(f"load_adapter: module {name!r} holds a {type(mod).__name__}, the file a "
+                                     f"{info['class']}")
+                built[name] = mod
+            else:
+                ad = build_adapter(info["method"], mod, name, backend=backend if backend is not None
+                                   else info.get("backend"), **info["config"])
+                if type(ad).__name__ != info["class"]:
+                    raise ValueError(f"load_adapter: module {name!r}: method {info['method']!r} built a "
+                                     f"{type(ad).__name__}, the file holds a {info['class']}")
+                built[name] = ad
+        # 2. check every tensor before copying any
+        targets: Dict[str, torch.Tensor] = {}
+        for name, ad in built.items():
+            for k, t in adapter_state_dict(ad).items():
+                targets[f"{name}.{k}" if name else k] = t
+        missing = sorted(set(targets) - set(tensors))
+        extra = sorted(set(tensors) - set(targets))
+        if missing or extra:
+            raise ValueError(f"load_adapter: tensors differ from the model's adapters: missing in the file "
+                             f"{missing[:8]}, unexpected in the file {extra[:8]}")
+        for k, src in tensors.items():
+            dst = targets[k]
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"load_adapter: tensor {k!r} has shape {tuple(src.shape)} in the file but "
+                                 f"{tuple(dst.shape)} in the model")
+    except Exception:
+        for q in model.parameters():  # constructors froze the base layers: undo
+            q.requires_grad_(frozen_before.get(id(q), q.requires_grad))
+        raise
+    # 3. copy and install
+    with torch.no_grad():
+        for k, src in tensors.items():
+            targets[k].copy_(src)
+    _replace(model, {id(modules[n]): ad for n, ad in built.items() if ad is not modules[n]})
+    _freeze_all_but_adapters(model)
+    return model

@@ -1,0 +1,302 @@
+"""``pyfastpeft bench --report``: the results files in, a markdown performance report and PNG plots out.
+
+Reads every ``*.json`` (and ``*/demo.json``) in the results directory (default ``benchmarks/results``) written by
+``pyfastpeft bench`` (``{"metadata", "rows", ...}``; any op) or ``pyfastpeft demo`` (``{"rows", "curves"}``),
+and writes ``REPORT.md`` with
+
+* measured timings per workload and provider (median ms of fwd / bwd / fwd+bwd, ratios to the frozen
+  layer and to PEFT), as the bench measured them;
+* counted and modeled columns (bytes saved for backward per token, modeled H100 fwd+bwd) from
+  :func:`pyfastpeft.tools.bench.model_table`;
+* the demo runs (loss, step time, trainable parameters, saved bytes) when a demo JSON is there;
+* one PNG per results file, drawn by :func:`pyfastpeft.tools.bench.plot` (the same figure ``bench`` writes).
+
+Every table row carries a source tag ``[n]``; the sources list gives, per tag, the results file, the
+command that wrote it, the device, versions, git revision and time. Nothing is re-measured.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from pyfastpeft.core.table import table
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+@dataclass
+class Source:
+    tag: int
+    path: Path
+    kind: str  # "bench" (pyfastpeft bench's row layout), "demo", or "table" (any other list of flat rows)
+    data: dict
+
+    @property
+    def meta(self) -> dict:
+        return self.data.get("metadata") or self.data.get("meta") or {}
+
+    def line(self, root: Path) -> str:
+        m = self.meta
+        rel = _rel(self.path, root)
+        cmd = m.get("command")
+        bits = [f"`{cmd}`" if cmd else "command NOT recorded in the file",
+                m.get("device_name") or m.get("device") or "device not recorded"]
+        vers = ", ".join(f"{k} {m[k]}" for k in ("torch", "triton", "peft", "pyfastpeft") if m.get(k))
+        if vers:
+            bits.append(vers)
+        if m.get("cpu_threads"):
+            bits.append(f"CPU threads: {m['cpu_threads']}")
+        if m.get("git_sha"):
+            bits.append(f"git {str(m['git_sha'])[:10]}")
+        if m.get("timestamp"):
+            bits.append(str(m["timestamp"]))
+        return f"[{self.tag}] `{rel}`: " + "; ".join(bits)
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def load_sources(results: Path) -> tuple[list[Source], list[str]]:
+    """Every readable bench / demo JSON under ``results`` (sorted by name); notes on files skipped."""
+    sources: list[Source] = []
+    notes: list[str] = []
+    for p in sorted(list(results.glob("*.json")) + list(results.glob("*/demo.json"))):  # demo --out <dir>
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            notes.append(f"{p.name}: skipped (not JSON: {e})")
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+            notes.append(f"{p.name}: skipped (no 'rows': not a bench or demo results file)")
+            continue
+        rows = data["rows"]
+        if "curves" in data:
+            kind = "demo"
+        elif rows and all(isinstance(r, dict) and {"provider", "mode", "workload"} <= set(r) for r in rows):
+            kind = "bench"
+        elif rows and all(isinstance(r, dict) for r in rows):
+            kind = "table"
+        else:
+            notes.append(f"{p.name}: skipped (empty or not a list of rows)")
+            continue
+        sources.append(Source(len(sources) + 1, p, kind, data))
+    return sources, notes
+
+
+def _f(v: Any, fmt: str) -> str:
+    return "–" if v is None or v == "" else format(v, fmt)
+
+
+def timing_rows(src: Source) -> list[list[str]]:
+    """Per (op, workload, provider) with a timing: ms p50 per mode and the fwd+bwd ratios."""
+    rows = src.data["rows"]
+    acc: dict[tuple, dict] = {}
+    for r in rows:
+        if r.get("ms_p50") in (None, ""):
+            continue
+        key = (r.get("op", "?"), r.get("workload", "?"), r.get("provider", "?"))
+        e = acc.setdefault(key, {"dtype": r.get("dtype"), "M": r.get("M")})
+        e[r.get("mode", "fwd+bwd")] = r
+    out = []
+    for (op, wl, prov), e in acc.items():
+        full = e.get("fwd+bwd", {})
+        out.append([op, wl, f"M={e['M']}" if e.get("M") is not None else "–", e.get("dtype") or "–", prov,
+                    *(_f(e.get(m, {}).get("ms_p50"), ".3f") for m in MODES),
+                    _f(full.get("ratio_to_frozen"), ".2f"), _f(full.get("ratio_to_peft"), ".2f"), f"[{src.tag}]"])
+    return out
+
+
+def model_rows(src: Source) -> list[list[str]]:
+    from pyfastpeft.tools import bench
+
+    out = []
+    for e in bench.model_table(src.data["rows"]):
+        path = e["path"] + (" (triton path)" if e["path"] == "pyfastpeft" else "")
+        out.append([e["workload"], path, _f(e["saved_bytes_per_token"], ".0f"), _f(e["modeled_h100_ms"], ".4f"),
+                    _f(e.get("modeled_x_frozen"), ".2f"), _f(e.get("modeled_x_peft"), ".2f"), f"[{src.tag}]"])
+    return out
+
+
+def skipped_rows(src: Source) -> list[list[str]]:
+    """Providers that produced no timing at all, with the reason the bench recorded (once per provider)."""
+    seen: dict[str, str] = {}
+    timed = {r.get("provider") for r in src.data["rows"] if r.get("ms_p50") not in (None, "")}
+    for r in src.data["rows"]:
+        p = r.get("provider", "?")
+        if p not in timed and p not in seen:
+            seen[p] = str(r.get("status", ""))[:140]
+    return [[p, why, f"[{src.tag}]"] for p, why in seen.items()]
+
+
+def demo_rows(src: Source) -> list[list[str]]:
+    out = []
+    for r in src.data["rows"]:
+        sb = r.get("saved_bytes")
+        out.append([r["model"], r["method"], r["impl"], _f(r.get("loss_first"), ".3f"), _f(r.get("loss_last"), ".3f"),
+                    _f(r.get("step_ms"), ".1f"), _f(r.get("trainable_params"), ","),
+                    _f(sb / 2**20 if sb is not None else None, ".2f"),
+                    r.get("note", "") if r.get("status") == "ok" else r.get("status", ""), f"[{src.tag}]"])
+    return out
+
+
+_MEASURE_WORDS = ("saved", "bytes", "ms", "us", "seconds", "time", "flops", "gbps")
+
+
+def _label(r: dict) -> str:
+    """A row's name in a generic table: its text fields and its small integer settings (m=4, r=16)."""
+    text = [str(v) for v in r.values() if isinstance(v, str)]
+    ints = [f"{k}={v}" for k, v in r.items() if isinstance(v, int) and not isinstance(v, bool)
+            and not any(w in k.lower() for w in _MEASURE_WORDS)]
+    return " ".join(text + ([",".join(ints)] if ints else [])) or "?"
+
+
+def generic_table(src: Source) -> str:
+    """Any other results layout (each family's bench): every column, numbers to 4 significant digits."""
+    rows = src.data["rows"]
+    cols = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (dict, list))))
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return format(v, ".4g")
+        return str(v)
+
+    return table(cols + ["src"], [[cell(r.get(c)) for c in cols] + [f"[{src.tag}]"] for r in rows], markdown=True)
+
+
+def _ratio_columns(rows: Sequence[dict]) -> list[str]:
+    cols = dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    return [c for c in cols if any(w in c.lower() for w in ("over", "ratio", "_x_", "speedup"))]
+
+
+def generic_plot(src: Source, path: Path) -> Optional[str]:
+    """Grouped bars of a generic file's ratio columns (``*_over_*``, ``*ratio*``) per row."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # noqa: BLE001
+        return f"matplotlib not importable ({type(e).__name__}: {e})"
+    rows = src.data["rows"]
+    cols = _ratio_columns(rows)
+    if not cols:
+        return "no ratio columns (*_over_*, *ratio*) to plot"
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.5 * len(rows) * len(cols) / 2 + 3), 5))
+    width = 0.8 / len(cols)
+    for i, c in enumerate(cols):
+        xs = [j + (i - (len(cols) - 1) / 2) * width for j in range(len(rows))]
+        ax.bar(xs, [r.get(c) or 0 for r in rows], width, label=c)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([_label(r) for r in rows], rotation=35, ha="right", fontsize=7)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{src.path.name} [{src.tag}]")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+def plots(sources: Sequence[Source], out_dir: Path) -> tuple[list[tuple[Source, Path]], list[str]]:
+    """One PNG per bench results file via ``bench.plot``; demo PNGs via ``demo.plot``."""
+    from pyfastpeft.tools import bench
+    from pyfastpeft.tools import demo
+
+    made, notes = [], []
+    for s in sources:
+        png = out_dir / f"report-{s.path.stem}.png"
+        if s.kind == "table":
+            why = generic_plot(s, png)
+        elif s.kind == "bench":
+            rows = s.data["rows"]
+            title = (f"{rows[0].get('op', bench.OP) if rows else bench.OP} on {s.meta.get('device_name', '?')} "
+                     f"({s.meta.get('dtype', rows[0].get('dtype') if rows else '?')}) [{s.tag}]")
+            why = bench.plot(rows, png, title=title) if rows else "no rows"
+        else:
+            why = demo.plot(s.data, png)
+        if why is None:
+            made.append((s, png))
+        else:
+            notes.append(f"{s.path.name}: no plot ({why})")
+    return made, notes
+
+
+def build(results: Path, out: Path, *, root: Optional[Path] = None, with_plots: bool = True) -> tuple[str, list[Path]]:
+    """The markdown report (also written to ``out``) and the PNG paths."""
+    root = root or Path.cwd()
+    sources, notes = load_sources(results)
+    if not sources:
+        raise ValueError(f"no bench or demo results (*.json with 'rows') in {str(results)!r}; run "
+                         "`pyfastpeft bench` (or `pyfastpeft demo --out <dir>`) first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    made, pnotes = plots(sources, out.parent) if with_plots else ([], [])
+    notes += pnotes
+    bench_srcs = [s for s in sources if s.kind == "bench"]
+    demo_srcs = [s for s in sources if s.kind == "demo"]
+    table_srcs = [s for s in sources if s.kind == "table"]
+    md = ["# pyfastpeft performance report", "",
+          f"Generated by `pyfastpeft bench --report` from {len(sources)} results file(s) in `{_rel(results, root)}`. "
+          "Each row's tag `[n]` names its results file and the command that wrote it (sources below); nothing "
+          "here is re-measured. CPU timings are wall-clock medians of the machine that ran the command; the "
+          "H100 columns are a roofline MODEL, not measurements.", ""]
+    if bench_srcs:
+        md += ["## Measured timings (median ms; ratios of fwd+bwd)", ""]
+        md.append(table(["op", "workload", "tokens", "dtype", "provider", "fwd ms", "bwd ms", "fwd+bwd ms",
+                         "x frozen", "x peft", "src"], [r for s in bench_srcs for r in timing_rows(s)], markdown=True))
+        mrows = []
+        for s in bench_srcs:
+            try:
+                mrows += model_rows(s)
+            except (KeyError, TypeError, ValueError) as e:  # a results file of another layout: say so
+                notes.append(f"{s.path.name}: no counted/modeled rows ({type(e).__name__}: {e})")
+        if mrows:
+            md += ["", "## Counted and modeled (per workload)", "",
+                   "Saved bytes per token are counted exactly (`pfp.perf.saved_bytes`); the H100 time is the "
+                   "roofline model of `pfp.perf.roofline` (bf16, the GPU shape; pyfastpeft: the Triton path).", ""]
+            md.append(table(["workload", "code path", "saved B/token", "H100 fwd+bwd ms (MODEL)",
+                             "model x frozen", "model x peft", "src"], mrows, markdown=True))
+        srows = [r for s in bench_srcs for r in skipped_rows(s)]
+        if srows:
+            md += ["", "Providers without timings:", "", table(["provider", "why", "src"], srows, markdown=True)]
+    for s in table_srcs:
+        md += ["", f"## `{s.path.name}` [{s.tag}]", "", generic_table(s)]
+    if demo_srcs:
+        md += ["", "## Demo runs (`pyfastpeft demo`)", ""]
+        md.append(table(["model", "method", "impl", "loss first", "loss last", "step ms", "trainable",
+                         "saved MiB", "note", "src"], [r for s in demo_srcs for r in demo_rows(s)], markdown=True))
+    if made:
+        md += ["", "## Plots", ""]
+        md += [f"![{_rel(s.path, root)} [{s.tag}]]({png.name})" for s, png in made]
+    md += ["", "## Sources", ""] + [s.line(root) + "  " for s in sources]
+    if notes:
+        md += ["", "Notes:", ""] + [f"* {n}" for n in notes]
+    text = "\n".join(md) + "\n"
+    out.write_text(text)
+    return text, [p for _, p in made]
+
+
+def main(results: str, out: Optional[str], *, with_plots: bool = True) -> int:
+    import sys
+
+    res = Path(results)
+    if not res.is_dir():
+        print(f"pyfastpeft bench --report: {results!r} is not a directory", file=sys.stderr)
+        return 2
+    dest = Path(out) if out else res / "REPORT.md"
+    try:
+        text, pngs = build(res, dest, with_plots=with_plots)
+    except ValueError as e:
+        print(f"pyfastpeft bench --report: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    print(f"wrote {dest}")
+    for p in pngs:
+        print(f"wrote {p}")
+    return 0

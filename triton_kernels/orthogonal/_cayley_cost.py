@@ -1,0 +1,108 @@
+"""Declared cost of each Triton launch of the orthogonal family: FLOPs and unique HBM bytes (read, write).
+
+Triton-free, so ``pfp.perf.count`` can use it without Triton installed. The batched Cayley kernels do the
+whole batch in one launch, one ``b × b`` block per program, all in registers: HBM traffic is the packed
+``v`` (its own dtype) and ``R`` / ``dR`` / ``dv`` in fp32. FLOPs count what a program issues on the
+``b × b`` block (the padding to a power of two is not counted):
+
+* exact forward: Gauss-Jordan inversion of ``N = I ± Q`` without pivoting, ``b`` rank-1 updates of
+  ``2b²`` FLOPs, then ``R = 2N⁻¹ − I``;
+* Neumann forward: ``d − 1`` products of ``b × b`` blocks (``2b³`` each) and ``d`` scaled adds, ``d`` the
+  degree of PEFT's series (:func:`neumann_degree`);
+* exact backward: ``dQ = ∓½ (Rᵀ + I) dR (Rᵀ + I)``: two products;
+* Neumann backward: a reverse Horner recursion, three products per degree.
+
+The OFT / PSOFT layer costs are those of their torch paths (counted by ``pfp.perf`` on the meta device)
+plus these launches.
+"""
+from __future__ import annotations
+
+from pyfastpeft.core.cost import cdiv as _cdiv
+
+
+def neumann_degree(terms: int) -> int:
+    """Highest power of ``Q`` in PEFT's series with ``terms`` terms (3 for both ``T = 3`` and ``T = 4``)."""
+    if terms <= 1:
+        return 0
+    if terms == 2:
+        return 1
+    return max(3, terms - 1)
+
+
+def cayley_fwd_cost(G: int, b: int, method: str, terms: int, v_itemsize: int) -> dict:
+    n = b * (b - 1) // 2
+    if method == "exact":
+        flops = G * (2 * b ** 3 + 2 * b * b)
+    else:
+        d = neumann_degree(terms)
+        flops = G * (2 * b ** 3 * max(d - 1, 0) + 2 * d * b * b)
+    return dict(flops=flops, read=G * n * v_itemsize, write=G * b * b * 4)
+
+
+def cayley_bwd_cost(G: int, b: int, method: str, terms: int, v_itemsize: int) -> dict:
+    n = b * (b - 1) // 2
+    if method == "exact":
+        # reads dR and R (fp32), writes dv (fp32): the upper triangle stored, then the lower one atomically
+        # added, so dv is also read once (an L2 hit on a GPU; the interpreter trace counts it)
+        return dict(flops=G * (4 * b ** 3 + 2 * b * b), read=G * (2 * b * b + n) * 4, write=G * n * 4)
+    d = neumann_degree(terms)
+    return dict(flops=G * (6 * b ** 3 * d + 4 * b * b * d), read=G * (b * b * 4 + n * v_itemsize), write=G * n * 4)
+
+
+# --------------------------------------------------------------------------------------------- fused OFT
+def oft_fwd_cost(M: int, N: int, K: int, b: int, G_r: int, itemsize: int, *, has_bias: bool,
+                 block_n: int = 64) -> dict:
+    """``_oft_fwd_kernel``: y = rot(x) Wᵀ + bias; each N tile recomputes its rotation (``2·M·K·b``).
+
+    fp16/bf16: the rotation runs in TF32, at half the 16-bit tensor-core rate: its FLOPs count twice, so the
+    roofline's single peak per launch stays right (fp32 inputs run everything in IEEE fp32 anyway)."""
+    if not (M and N):
+        return dict(flops=0, read=0, write=0)
+    rot = 2 if itemsize == 2 else 1
+    flops = 2 * M * N * K + rot * 2 * M * K * b * _cdiv(N, block_n)
+    read = (M * K + N * K + (N if has_bias else 0)) * itemsize + G_r * b * b * 4
+    return dict(flops=flops, read=read, write=M * N * itemsize)
+
+
+def oft_bwd_cost(M: int, N: int, K: int, b: int, G_r: int, itemsize: int, *, need_dx: bool) -> dict:
+    """``_oft_bwd_kernel``: d = dy W per (M tile, block), dx = d Rᵀ, dR += xᵀ d (fp32 atomics: read + write);
+    the two rotations count twice for fp16/bf16 (TF32, as in the forward)."""
+    if not (M and K):
+        return dict(flops=0, read=0, write=0)
+    rot = 2 if itemsize == 2 else 1
+    flops = 2 * M * N * K + rot * ((2 * M * K * b if need_dx else 0) + 2 * M * K * b)
+    read = (M * N + N * K + M * K) * itemsize + 2 * G_r * b * b * 4
+    write = (M * K * itemsize if need_dx else 0) + G_r * b * b * 4
+    return dict(flops=flops, read=read, write=write)
+
+
+OFT_BLOCKS = (16, 32, 64)
+OFT_AUTO_MAX_B = 16
+
+
+def oft_kernel_supports(dtype, b: int):
+    """``None`` if the fused OFT kernels can run this case (capability), else the reason. Triton-free."""
+    import torch
+
+    if b not in OFT_BLOCKS:
+        return f"block_size {b} not in {OFT_BLOCKS} (one tl.dot K step per block)"
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {dtype} (fp32, fp16, bf16)"
+    if dtype == torch.float32 and b == 64:
+        return "fp32 with block_size 64 (the backward's IEEE-fp32 64x64 dots spill; fp16/bf16 do not)"
+    return None
+
+
+def oft_triton_supports(dtype, b: int):
+    """What the ``triton`` backend of ``oft_linear`` accepts: the kernels' capability, and only b <= 16.
+
+    Each N tile recomputes its rotation in the prologue (``2·M·K·b`` FLOPs per tile, TF32 for 16-bit inputs),
+    so the extra work grows as ``b / BLOCK_N``: in the H100 roofline model (Llama 4096², M = 8192, bf16) the
+    fused path is 1.26x the frozen layer at b = 16 but 1.52x at b = 32 and 2.0x at b = 64, where the torch
+    path (one memory-bound batched rotation) is 1.40x. So the backend takes b = 16 only; the kernels
+    themselves run b = 32 and 64 too (tested) for a later, cheaper rotation schedule."""
+    why = oft_kernel_supports(dtype, b)
+    if why is None and b > OFT_AUTO_MAX_B:
+        why = (f"block_size {b} > {OFT_AUTO_MAX_B}: the prologue rotation recomputed per N tile costs more than "
+               "the torch path here (roofline model)")
+    return why
