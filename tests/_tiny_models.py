@@ -29,7 +29,7 @@ TARGETS = {
 
 
 def missing_classes(method: str) -> list[str]:
-    return [n for n, c in METHODS[method].classes().items() if c is None]
+    return [c.__name__ for c in METHODS[method].classes() if getattr(pfp.nn, c.__name__, None) is None]
 
 
 def method_param(method: str):

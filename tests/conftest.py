@@ -15,13 +15,13 @@ os.environ.setdefault("PYFASTPEFT_CACHE_DIR", os.path.join(os.path.dirname(__fil
 
 import pytest  # noqa: E402
 
-from pyfastpeft import _ext  # noqa: E402
+from pyfastpeft.core import ext as _ext  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
-            item.add_marker(pytest.mark.skip(reason="needs a CUDA device (runs when a GPU is lent)"))
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "cuda_ext" in item.keywords and not _ext.load():
             item.add_marker(pytest.mark.skip(reason=f"pyfastpeft._C unavailable: {_ext.LOAD_ERROR}"))
 

@@ -1,4 +1,4 @@
-"""Tests of pyfastpeft.triton_trace: unique bytes touched by tl.load / tl.store under the interpreter.
+"""Tests of pyfastpeft.tools.triton_trace: unique bytes touched by tl.load / tl.store under the interpreter.
 
 ``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` on machines without CUDA before this module defines its
 kernels; where it is not set (a GPU machine) the kernels compile for the GPU, nothing can be traced,
@@ -12,7 +12,7 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not installed")
 tl = pytest.importorskip("triton.language", reason="triton is not installed")
 
-from pyfastpeft.triton_trace import MemoryTrace, trace_memory, unique_bytes  # noqa: E402
+from pyfastpeft.tools.triton_trace import MemoryTrace, trace_memory, unique_bytes  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET", "0") != "1",

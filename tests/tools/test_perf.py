@@ -1,4 +1,4 @@
-"""Tests of pyfastpeft.perf: exact FLOP/byte/launch counts, saved-activation bytes, the roofline model.
+"""Tests of pyfastpeft.tools.perf: exact FLOP/byte/launch counts, saved-activation bytes, the roofline model.
 
 Shapes are small and all expected numbers are computed by hand in the test (fp32 = 4 B, bf16 = 2 B).
 """
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyfastpeft import perf
-from pyfastpeft.perf import Counts, Launch
+from pyfastpeft.tools import perf
+from pyfastpeft.tools.perf import Counts, Launch
 
 M, K, N, R = 64, 32, 16, 4
 

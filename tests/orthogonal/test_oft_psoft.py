@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pyfastpeft as pfp
-from pyfastpeft.reference.orthogonal import oft_linear_ref, psoft_linear_ref
+from pyfastpeft.orthogonal.reference import oft_linear_ref, psoft_linear_ref
 from pyfastpeft.testing import FWD_FACTOR, GRAD_FACTOR, compare, randn
 
 OFT_BACKENDS = pfp.available_backends("oft_linear", "cpu")
@@ -83,7 +83,7 @@ def test_oft_linear_vs_reference(backend, kw, c):
 
 def _skip_unsupported(backend, b, dtype=torch.float32):
     if backend == "triton":
-        from pyfastpeft.triton_kernels._cayley_cost import oft_triton_supports
+        from pyfastpeft.triton_kernels.orthogonal._cayley_cost import oft_triton_supports
         why = oft_triton_supports(dtype, b)  # the backend's policy: b = 16 (larger b: kernel tests below)
         if why is not None:
             pytest.skip(f"fused Triton OFT: {why} (the torch backend covers it)")
@@ -182,7 +182,7 @@ def test_psoft_linear_half_inputs(backend, dtype):
     want = _run_psoft(c, {}, torch.float64, psoft_linear_ref, torch.float64, gy)
 
     def ref_lo(x, w, bias, a, b, v, va, vb, s):  # R' in fp32 (as ours and PEFT's solve), the rest in dtype
-        from pyfastpeft.reference.orthogonal import cayley_ref
+        from pyfastpeft.orthogonal.reference import cayley_ref
         R = cayley_ref(v.reshape(1, -1), a.shape[0], convention="plus")[0]
         R = vb[:, None] * R * va[None, :]
         u = x @ a.t()
@@ -343,9 +343,9 @@ def test_compile_fullgraph():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_oft_triton_declared_bytes(M, K, N, b, shared, dtype):
     """The fused OFT kernels' declared bytes equal what their loads, stores and atomics touch."""
-    from pyfastpeft.fallback.orthogonal import cayley_fwd
-    from pyfastpeft.triton_kernels import oft_linear as tk
-    from pyfastpeft.triton_trace import trace_memory
+    from pyfastpeft.orthogonal.torch_impl import cayley_fwd
+    from pyfastpeft.triton_kernels.orthogonal import oft_linear as tk
+    from pyfastpeft.tools.triton_trace import trace_memory
 
     if tk.supports(dtype, b) is not None:
         pytest.skip(tk.supports(dtype, b))
@@ -388,8 +388,8 @@ def test_oft_triton_on_gpu(b, dtype):
 def test_oft_triton_kernels_larger_blocks(b, dtype):
     """b = 32 / 64: the kernels run them (the backend's auto policy takes b = 16 only), checked against the
     torch backend directly: outputs, dx and dR (shared and per-block R)."""
-    from pyfastpeft.fallback import orthogonal as fb
-    from pyfastpeft.triton_kernels import oft_linear as tk
+    from pyfastpeft.orthogonal import torch_impl as fb
+    from pyfastpeft.triton_kernels.orthogonal import oft_linear as tk
 
     M, K, N = 37, 2 * b, 45
     g = torch.Generator().manual_seed(b)

@@ -11,8 +11,8 @@ from torch import nn
 
 import pyfastpeft as pfp
 from pyfastpeft.nn import AtomConv2d, AtomLinear
-from pyfastpeft.nn.atoms import inject_conv_atoms
-from pyfastpeft.reference.atoms import atom_conv2d_ref, atom_linear_ref, compose_atoms_ref
+from pyfastpeft.atoms.modules import inject_conv_atoms
+from pyfastpeft.atoms.reference import atom_conv2d_ref, atom_linear_ref, compose_atoms_ref
 
 CONVS = [
     pytest.param(lambda: nn.Conv2d(5, 7, 3, padding=1), id="3x3"),

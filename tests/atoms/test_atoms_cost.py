@@ -1,5 +1,5 @@
 """The declared byte formulas of the filter-atom Triton launchers equal the bytes their loads/stores touch
-(``pyfastpeft.triton_trace`` under the interpreter), and the partials are exactly the atom gradient."""
+(``pyfastpeft.tools.triton_trace`` under the interpreter), and the partials are exactly the atom gradient."""
 import os
 
 import pytest
@@ -9,15 +9,15 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reaso
 
 triton = pytest.importorskip("triton")
 
-from pyfastpeft.fallback.atoms import atom_grad_conv  # noqa: E402
-from pyfastpeft.triton_kernels import _atoms_cost as cost  # noqa: E402
-from pyfastpeft.triton_trace import trace_memory  # noqa: E402
+from pyfastpeft.atoms.torch_impl import atom_grad_conv  # noqa: E402
+from pyfastpeft.triton_kernels.atoms import _atoms_cost as cost  # noqa: E402
+from pyfastpeft.tools.triton_trace import trace_memory  # noqa: E402
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("co, ci, kh, kw, m", [(7, 5, 3, 3, 4), (6, 1, 7, 7, 9), (3, 4, 3, 2, 1)])
 def test_fold_declared_bytes(co, ci, kh, kw, m, per_channel):
-    from pyfastpeft.triton_kernels import atoms as tk
+    from pyfastpeft.triton_kernels.atoms import atoms as tk
 
     w, coeff = torch.randn(co, ci, kh, kw), torch.randn(co, ci, m)
     atoms = torch.randn(ci, m, kh, kw) if per_channel else torch.randn(m, kh, kw)
@@ -30,7 +30,7 @@ def test_fold_declared_bytes(co, ci, kh, kw, m, per_channel):
 
 
 def test_fold_linear_declared_bytes():
-    from pyfastpeft.triton_kernels import atoms as tk
+    from pyfastpeft.triton_kernels.atoms import atoms as tk
 
     w, coeff, atoms = torch.randn(12, 20), torch.randn(3, 5, 2), torch.randn(2, 4, 4)
     with trace_memory() as tr:
@@ -52,7 +52,7 @@ CASES = [  # N, cin, cout, H, W, kh, kw, stride, padding, dilation, groups, m
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32-fma", "fp16-tensorcore"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"g{c[10]}-k{c[5]}-s{c[7][0]}-m{c[11]}")
 def test_atom_grad_declared_bytes_and_partials(case, dtype):
-    from pyfastpeft.triton_kernels import atoms as tk
+    from pyfastpeft.triton_kernels.atoms import atoms as tk
 
     N, cin, cout, H, W, kh, kw, s, p, d, g, m = case
     ho = (H + 2 * p[0] - d[0] * (kh - 1) - 1) // s[0] + 1
@@ -76,7 +76,7 @@ def test_atom_grad_declared_bytes_and_partials(case, dtype):
 @pytest.mark.parametrize("T, N, K, kc, m", [(13, 16, 24, 4, 5), (20, 130, 70, 2, 3), (9, 64, 128, 16, 9),
                                             (5, 6, 12, 1, 1)])
 def test_atom_linear_grad_declared_bytes_and_result(T, N, K, kc, m, dtype):
-    from pyfastpeft.triton_kernels import atoms as tk
+    from pyfastpeft.triton_kernels.atoms import atoms as tk
 
     dy, x, coeff = torch.randn(T, N).to(dtype), torch.randn(T, K).to(dtype), torch.randn(N // kc, K // kc, m)
     with trace_memory() as tr:

@@ -1,4 +1,4 @@
-"""Tests for ``pyfastpeft.compile_report`` (ahead-of-time Triton compile + ptxas -v, no GPU needed).
+"""Tests for ``pyfastpeft.tools.compile_report`` (ahead-of-time Triton compile + ptxas -v, no GPU needed).
 
 The test session runs with ``TRITON_INTERPRET=1``; a kernel decorated under it cannot be compiled, so the
 toy kernels live in helper modules written to ``tmp_path`` and are compiled by the report's own
@@ -14,13 +14,13 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from pyfastpeft import compile_report as cr  # noqa: E402
+from pyfastpeft.tools import compile_report as cr  # noqa: E402
 
 TOY_KERNEL = '''
 import triton
 import triton.language as tl
 
-from pyfastpeft.triton_kernels._config import AOTSpec
+from pyfastpeft.core.triton_config import AOTSpec
 
 
 @triton.jit
@@ -113,7 +113,7 @@ def test_interpreted_kernel_gives_clear_error(monkeypatch):
         tl.store(x_ptr + tl.arange(0, BLOCK), 0.0)
 
     cr._import_package()
-    from pyfastpeft.triton_kernels._config import AOTSpec
+    from pyfastpeft.core.triton_config import AOTSpec
 
     spec = AOTSpec(name="interp", kernel=interp_only, signature={"x_ptr": "*fp32", "BLOCK": "constexpr"},
                    constexprs={"BLOCK": 64})

@@ -173,7 +173,7 @@ def test_tau_none_is_dense_lora():
 
 
 def test_forced_cuda_on_cpu_tensors_raises():
-    """The cuda backend (csrc/lora/gated.cu, GPU tests in tests/ops/test_cuda_ext.py) never runs on CPU."""
+    """The cuda backend (csrc/lora/gated.cu, GPU tests in tests/lora/test_cuda_ext.py) never runs on CPU."""
     d = lora_inputs(4, 8, 8, 2)
     with pytest.raises(BackendUnavailable, match="cuda"):
         pfp.gated_lora_linear(d["x"], d["weight"], None, d["lora_a"], d["lora_b"], 1.0, torch.tensor(0.1),

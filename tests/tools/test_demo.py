@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pyfastpeft.cli import main
+from pyfastpeft.tools.cli import main
 from pyfastpeft.surgery import available_methods
 
 pytest.importorskip("timm")

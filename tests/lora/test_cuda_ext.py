@@ -1,6 +1,6 @@
 """The raw CUDA ops of pyfastpeft._C (torch.ops.pyfastpeft_C.*) against float64 PyTorch.
 
-GPU tests carry ``gpu`` and ``cuda_ext`` (they run when a GPU is lent and the extension is built);
+GPU tests carry ``gpu`` and ``cuda_ext`` (they run on a machine with a CUDA GPU and the extension built);
 the CPU test carries only ``cuda_ext``: a built extension must reject CPU tensors with an error that
 names the device. The skipif marks repeat conftest's rule so this file is safe on its own.
 Tolerances come from pyfastpeft.testing.compare (fp32: reduction-length rule; fp16/bf16: 2x plain
@@ -9,11 +9,13 @@ PyTorch's own error at that precision plus a floor).
 import pytest
 import torch
 
-from pyfastpeft import _ext, _twin
+from pyfastpeft.core import ext as _ext
+from pyfastpeft.core import twin as _twin
+from pyfastpeft.families import twin_checks
 from pyfastpeft.testing import compare
 
 HAS_GPU = torch.cuda.is_available()
-needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device (runs when a GPU is lent)")
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 needs_ext = pytest.mark.skipif(not _ext.has_op("lora_shrink"),
                                reason=f"pyfastpeft._C not available: {_ext.LOAD_ERROR}")
 
@@ -107,9 +109,9 @@ def test_ops_run_on_the_current_stream():
 
 
 @gpu_ext
-@pytest.mark.parametrize("op", sorted(_twin.TWIN_CHECKS))
+@pytest.mark.parametrize("op", sorted(twin_checks()))
 def test_twin_checks_pass_on_this_gpu(op):
-    err = _twin.TWIN_CHECKS[op](torch.device("cuda"))
+    err = twin_checks()[op](torch.device("cuda"))
     assert err <= _twin.THRESHOLD, f"{op}: normalised error {err:.3g} > {_twin.THRESHOLD}"
 
 
@@ -157,7 +159,7 @@ def test_cpu_tensors_are_rejected_with_the_device_named():
 @gpu_ext
 @pytest.mark.parametrize("op", ["gated_gate", "gated_expand_add_"])
 def test_gated_twin_checks_pass_on_this_gpu(op):
-    assert _twin.TWIN_CHECKS[op](torch.device("cuda")) <= _twin.THRESHOLD
+    assert twin_checks()[op](torch.device("cuda")) <= _twin.THRESHOLD
 
 
 GATED_CASES = [(37, 120, 72, 3, dt) for dt in DTYPES] + [(64, 64, 160, 128, dt) for dt in DTYPES] + [

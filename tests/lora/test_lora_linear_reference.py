@@ -3,8 +3,8 @@ custom ops and LoRALinearFn), on tiny shapes, in every dx mode."""
 import pytest
 import torch
 
-from pyfastpeft.fallback import lora_linear as fb
-from pyfastpeft.ops.lora_linear import LoRALinearFn
+from pyfastpeft.lora import torch_impl as fb
+from pyfastpeft.lora.lora_linear import LoRALinearFn
 from pyfastpeft.reference import lora_linear_ref
 from pyfastpeft.testing import FP64_TOL
 

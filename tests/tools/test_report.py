@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pyfastpeft.cli import main
+from pyfastpeft.tools.cli import main
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
 def _bench_layout(p: Path) -> bool:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import pyfastpeft as pfp
-from pyfastpeft.fallback import orthogonal as fb
-from pyfastpeft.reference.orthogonal import cayley_ref, neumann_series_ref, skew_ref
+from pyfastpeft.orthogonal import torch_impl as fb
+from pyfastpeft.orthogonal.reference import cayley_ref, neumann_series_ref, skew_ref
 from pyfastpeft.testing import compare
 
 BACKENDS = pfp.available_backends("cayley", "cpu")
@@ -167,8 +167,8 @@ def test_cayley_declared_cost():
 @pytest.mark.parametrize("G,b,vdtype", [(3, 7, torch.float32), (2, 20, torch.bfloat16)])
 def test_cayley_triton_declared_bytes(method, terms, eps, G, b, vdtype):
     """The declared cost formulas equal the bytes the kernels' loads and stores touch."""
-    from pyfastpeft.triton_kernels import cayley as tk
-    from pyfastpeft.triton_trace import trace_memory
+    from pyfastpeft.triton_kernels.orthogonal import cayley as tk
+    from pyfastpeft.tools.triton_trace import trace_memory
 
     v = _v(G, b, 1.0, dtype=vdtype)
     with trace_memory() as tr:
@@ -184,13 +184,15 @@ def test_cayley_triton_declared_bytes(method, terms, eps, G, b, vdtype):
 
 def test_cayley_twin_check_separates_right_from_wrong():
     """The first-use check of the CUDA kernel accepts exact fp32 maths and rejects the other convention."""
-    from pyfastpeft import _twin
+    from pyfastpeft.core import twin as _twin
+    from pyfastpeft.families import twin_checks
+    from pyfastpeft.orthogonal import twin as orthogonal_twin
 
     good = lambda v, b, minus: fb.cayley_fwd(v, b, "exact", "minus" if minus else "plus", 5, None)  # noqa: E731
     bad = lambda v, b, minus: fb.cayley_fwd(v, b, "exact", "plus" if minus else "minus", 5, None)  # noqa: E731
-    assert _twin.check_cayley_exact(torch.device("cpu"), good) <= _twin.THRESHOLD / 4
-    assert _twin.check_cayley_exact(torch.device("cpu"), bad) > 100 * _twin.THRESHOLD
-    assert "cayley_exact" in _twin.TWIN_CHECKS
+    assert orthogonal_twin.check_cayley_exact(torch.device("cpu"), good) <= _twin.THRESHOLD / 4
+    assert orthogonal_twin.check_cayley_exact(torch.device("cpu"), bad) > 100 * _twin.THRESHOLD
+    assert "cayley_exact" in orthogonal_twin.TWIN_CHECKS and "cayley_exact" in twin_checks()
 
 
 @pytest.mark.gpu

@@ -9,9 +9,9 @@ import torch
 
 import pyfastpeft as pfp
 from pyfastpeft import BackendUnavailable
-from pyfastpeft.fallback.atoms import seed_atom_conv2d
-from pyfastpeft.ops.atoms import compose_atoms
-from pyfastpeft.reference.atoms import atom_conv2d_ref, atom_linear_ref, compose_atoms_ref
+from pyfastpeft.atoms.torch_impl import seed_atom_conv2d
+from pyfastpeft.atoms.ops import compose_atoms
+from pyfastpeft.atoms.reference import atom_conv2d_ref, atom_linear_ref, compose_atoms_ref
 from pyfastpeft.testing import GRAD_FACTOR, compare, randn
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -164,8 +164,8 @@ def test_atom_conv2d_weight_grad_route_matches_reference(c, backend, monkeypatch
 
 
 def test_route_rules():
-    from pyfastpeft.fallback.atoms import fewer_flops
-    from pyfastpeft.triton_kernels._atoms_cost import prefer_weight_grad
+    from pyfastpeft.atoms.torch_impl import fewer_flops
+    from pyfastpeft.triton_kernels.atoms._atoms_cost import prefer_weight_grad
     assert not fewer_flops(4, 9, 64) and fewer_flops(9, 9, 64) and fewer_flops(4, 49, 1)
     # modeled H100, bf16, ResNet-50 56^2 64->64 at batch 64: the weight gradient on tensor cores beats the kernel's
     # FMA-unit correlation; a depthwise 7x7 always takes the weight-gradient route
@@ -340,7 +340,7 @@ def test_compile_fullgraph_atom_conv2d():
 
 def test_perf_counts_one_conv_forward():
     """The declared forward is one conv (plus the weight-sized fold), the backward never a full weight gradient."""
-    from pyfastpeft import perf
+    from pyfastpeft.tools import perf
     x = torch.randn(4, 64, 28, 28, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     w = torch.randn(64, 64, 3, 3, dtype=torch.bfloat16)
@@ -356,8 +356,10 @@ def test_perf_counts_one_conv_forward():
 def test_twin_check_of_the_cuda_atom_grad_kernel_catches_errors():
     """The first-use check of ``pyfastpeft_C::atom_grad_conv2d`` passes an exact stand-in and fails a kernel that
     drops one tap (run on CPU with a torch stand-in: the real op needs a GPU)."""
-    from pyfastpeft import _twin
-    from pyfastpeft.fallback.atoms import atom_grad_conv
+    from pyfastpeft.atoms import twin as atoms_twin
+    from pyfastpeft.atoms.torch_impl import atom_grad_conv
+    from pyfastpeft.core import twin as _twin
+    from pyfastpeft.families import twin_checks
 
     def standin(dy, x, coeff, kh, kw, s, p, d, g):
         cout, ci, _ = coeff.shape
@@ -371,9 +373,9 @@ def test_twin_check_of_the_cuda_atom_grad_kernel_catches_errors():
         out[:, :, 0, 0] = 0
         return out
 
-    assert "atom_grad_conv2d" in _twin.TWIN_CHECKS
-    assert _twin.check_atom_grad_conv2d(torch.device("cpu"), op=standin) <= _twin.THRESHOLD
-    assert _twin.check_atom_grad_conv2d(torch.device("cpu"), op=broken) > _twin.THRESHOLD
+    assert "atom_grad_conv2d" in atoms_twin.TWIN_CHECKS and "atom_grad_conv2d" in twin_checks()
+    assert atoms_twin.check_atom_grad_conv2d(torch.device("cpu"), op=standin) <= _twin.THRESHOLD
+    assert atoms_twin.check_atom_grad_conv2d(torch.device("cpu"), op=broken) > _twin.THRESHOLD
 
 
 @pytest.mark.gpu

@@ -193,9 +193,10 @@ def test_import_without_triton_and_without_extension():
 
 
 def test_lora_prefers_the_fused_triton_path():
-    from pyfastpeft.ops.lora_linear import BWD, FWD
+    from pyfastpeft.core.backend import OpRegistry
+    from pyfastpeft.lora.lora_linear import BWD, FWD
 
     assert FWD.order == BWD.order == ("triton", "cuda", "torch")
     assert list(pfp.backend_info()["ops"]["lora_linear_fwd"]) == ["triton", "cuda", "torch"]
     with pytest.raises(ValueError, match="permutation"):
-        pfp._backend.OpRegistry("bogus_fwd", order=("torch",))
+        OpRegistry("bogus_fwd", order=("torch",))

@@ -1,7 +1,7 @@
 """The declared byte formulas of the LoRA and gated-LoRA Triton launchers equal the bytes their loads/stores
 touch; the gated expand's and the selected-rows reductions' traffic scales with the selected rows.
 
-Each launch runs under the Triton interpreter with ``pyfastpeft.triton_trace.trace_memory``, which
+Each launch runs under the Triton interpreter with ``pyfastpeft.tools.triton_trace.trace_memory``, which
 records the distinct addresses of every unmasked lane of every ``tl.load`` / ``tl.store``.
 fp32 and fp16 only: under the interpreter bf16 kernels write fp32 buffers (see the kernel module).
 """
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reaso
 triton = pytest.importorskip("triton")
 
 from pyfastpeft.testing import lora_inputs  # noqa: E402
-from pyfastpeft.triton_trace import trace_memory  # noqa: E402
+from pyfastpeft.tools.triton_trace import trace_memory  # noqa: E402
 
 SHAPES = [(37, 120, 72, 3), (16, 64, 48, 16), (5, 33, 17, 1)]
 
@@ -24,7 +24,7 @@ SHAPES = [(37, 120, 72, 3), (16, 64, 48, 16), (5, 33, 17, 1)]
 @pytest.mark.parametrize("M, K, N, R", SHAPES)
 @pytest.mark.parametrize("has_bias, has_xl", [(True, False), (False, True)])
 def test_fwd_declared_bytes(M, K, N, R, dtype, has_bias, has_xl):
-    from pyfastpeft.triton_kernels import lora_linear as tk
+    from pyfastpeft.triton_kernels.lora import lora_linear as tk
 
     d = lora_inputs(M, K, N, R, dtype=dtype, bias=has_bias)
     xl = d["x"] * 0.5 if has_xl else None
@@ -37,7 +37,7 @@ def test_fwd_declared_bytes(M, K, N, R, dtype, has_bias, has_xl):
 @pytest.mark.parametrize("dx_mode", [0, 1, 2])
 @pytest.mark.parametrize("M, K, N, R", SHAPES)
 def test_bwd_dx_declared_bytes(M, K, N, R, dx_mode):
-    from pyfastpeft.triton_kernels import lora_linear as tk
+    from pyfastpeft.triton_kernels.lora import lora_linear as tk
 
     d = lora_inputs(M, K, N, R)
     dy = torch.randn(M, N)
@@ -49,7 +49,7 @@ def test_bwd_dx_declared_bytes(M, K, N, R, dx_mode):
 
 @pytest.mark.parametrize("M, P, Q", [(37, 3, 120), (64, 72, 16), (5, 17, 1)])
 def test_matmul_tn_declared_bytes(M, P, Q):
-    from pyfastpeft.triton_kernels import lora_linear as tk
+    from pyfastpeft.triton_kernels.lora import lora_linear as tk
 
     p, q = torch.randn(M, P), torch.randn(M, Q)
     with trace_memory() as tr:
@@ -60,7 +60,7 @@ def test_matmul_tn_declared_bytes(M, P, Q):
 
 
 def test_tiles_per_prog_policy():
-    from pyfastpeft.triton_kernels._lora_linear_cost import fwd_cost, tiles_per_prog
+    from pyfastpeft.triton_kernels.lora._lora_linear_cost import fwd_cost, tiles_per_prog
 
     # Llama-3-8B projection on an H100: 64 row blocks x 32 column tiles; 4 tiles per program keeps
     # 512 programs (>= 2 per SM) and cuts the recomputed shrink from 32x to 8x per row block.
@@ -77,7 +77,7 @@ def test_tiles_per_prog_policy():
 
 @pytest.mark.parametrize("frac", [0.0, 0.3, 1.0])
 def test_matmul_tn_selected_rows_only(frac):
-    from pyfastpeft.triton_kernels import lora_linear as tk
+    from pyfastpeft.triton_kernels.lora import lora_linear as tk
 
     M, P, Q = 37, 3, 120
     p, q = torch.randn(M, P), torch.randn(M, Q)
@@ -94,8 +94,8 @@ def test_matmul_tn_selected_rows_only(frac):
 @pytest.mark.parametrize("M, K, N, R", SHAPES)
 @pytest.mark.parametrize("has_bias, has_xl", [(True, False), (False, True)])
 def test_gated_base_declared_bytes(M, K, N, R, dtype, has_bias, has_xl):
-    from pyfastpeft.triton_kernels import gated_lora_linear as gk
-    from pyfastpeft.triton_kernels._gated_lora_linear_cost import gated_base_cost
+    from pyfastpeft.triton_kernels.lora import gated_lora_linear as gk
+    from pyfastpeft.triton_kernels.lora._gated_lora_linear_cost import gated_base_cost
 
     d = lora_inputs(M, K, N, R, dtype=dtype, bias=has_bias)
     xl = d["x"] * 0.5 if has_xl else None
@@ -111,8 +111,8 @@ def test_gated_base_declared_bytes(M, K, N, R, dtype, has_bias, has_xl):
 @pytest.mark.parametrize("frac", [0.0, 0.25, 1.0])
 @pytest.mark.parametrize("M, N, R", [(37, 72, 3), (64, 48, 16)])
 def test_gated_expand_declared_bytes_scale_with_selection(M, N, R, frac):
-    from pyfastpeft.triton_kernels import gated_lora_linear as gk
-    from pyfastpeft.triton_kernels._gated_lora_linear_cost import gated_expand_cost
+    from pyfastpeft.triton_kernels.lora import gated_lora_linear as gk
+    from pyfastpeft.triton_kernels.lora._gated_lora_linear_cost import gated_expand_cost
 
     y = torch.randn(M, N)
     u, b = torch.randn(M, R), torch.randn(N, R)
@@ -134,8 +134,8 @@ def test_gated_expand_declared_bytes_scale_with_selection(M, N, R, frac):
 def test_gate_declared_bytes_and_stable_compaction(M, R, G, q, dtype):
     """The gate and the one-program compaction: ratio and flags as the spec's formula, ``index[:count]`` the selected rows in
     increasing order (ties at τ select), and declared bytes equal to the interpreter's."""
-    from pyfastpeft.triton_kernels import gated_lora_linear as gk
-    from pyfastpeft.triton_kernels._gated_lora_linear_cost import gate_cost
+    from pyfastpeft.triton_kernels.lora import gated_lora_linear as gk
+    from pyfastpeft.triton_kernels.lora._gated_lora_linear_cost import gate_cost
 
     gen = torch.Generator().manual_seed(3)
     u, b = torch.randn(M, R, generator=gen).to(dtype), torch.randn(40, R, generator=gen)

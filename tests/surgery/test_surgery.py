@@ -160,13 +160,13 @@ def test_method_kwarg_named_method_reaches_the_constructor(method):
     assert model.model.layers[0].self_attn.q_proj.adapter_config()["method"] == "exact"
 
 
-def test_method_whose_class_is_absent_says_so(monkeypatch):
-    monkeypatch.delattr(pfp.nn, "GatedLoRALinear")
-    assert "gated_lora" not in pfp.surgery.available_methods()
-    with pytest.raises(ValueError, match="method 'gated_lora' is not available in this install"):
-        pfp.inject(tiny_llama(), "gated_lora", target_modules=["q_proj"], r=2, alpha=4)
-    monkeypatch.undo()
-    assert "gated_lora" in pfp.surgery.available_methods()
+def test_methods_come_from_the_table_of_families():
+    from pyfastpeft.families import methods
+
+    assert pfp.surgery.available_methods() == list(methods())
+    assert {"lora", "gated_lora", "oft", "psoft", "atoms"} <= set(methods())
+    with pytest.raises(ValueError, match=r"method must be one of .*'gated_lora'.*got 'no_such_method'"):
+        pfp.inject(tiny_llama(), "no_such_method", target_modules=["q_proj"], r=2, alpha=4)
 
 
 @pytest.mark.parametrize("kind", ["llama", "vit"])
@@ -245,14 +245,14 @@ def test_from_peft_orthogonal_same_outputs(kind, method):
     with torch.no_grad():
         want = logits(pm, x)
         ours = pfp.from_peft(pm)
-        cls = getattr(pfp.nn, METHODS[method].builders[0].cls_name)
+        cls = getattr(pfp.nn, METHODS[method].builders[0].cls.__name__)
         assert any(type(m) is cls for m in ours.modules())
         assert_rel_close("output", logits(ours, x), want)
 
 
 def test_from_peft_without_our_class_is_a_clear_error(monkeypatch):
     pm = _peft_lora("llama")
-    monkeypatch.delattr(pfp.nn, "LoRALinear")
+    monkeypatch.delattr(pfp.nn.LoRALinear, "from_peft")
     with pytest.raises(ValueError, match=r"PEFT LORA layer.*LoRALinear.from_peft is not available"):
         pfp.from_peft(pm)
 

@@ -1,5 +1,5 @@
 """The ``pyfastpeft`` command line: info, check (pass and fail), bench (files, columns, progress bar),
-compile-report delegation. Everything runs in-process through ``pyfastpeft.cli.main`` on CPU."""
+compile-report delegation. Everything runs in-process through ``pyfastpeft.tools.cli.main`` on CPU."""
 from __future__ import annotations
 
 import csv
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import pyfastpeft
-from pyfastpeft import _backend, bench, check
-from pyfastpeft.cli import main
+from pyfastpeft.core import backend as _backend
+from pyfastpeft.tools import bench, check
+from pyfastpeft.tools.cli import main
 
 
 def test_info_prints_versions(capsys):
@@ -89,7 +90,7 @@ def test_check_rejects_unknown_names(capsys):
 def test_checks_table_covers_every_op():
     """Every public op of the backend registry has a row in ``pyfastpeft check`` (some have several case
     families, e.g. one-level and recursive atoms), and every row names a registered op."""
-    from pyfastpeft._backend import REGISTRIES
+    from pyfastpeft.core.backend import REGISTRIES
 
     assert {c.op for c in check.CHECKS} == {r.public for r in REGISTRIES.values()}
     cases = check.CHECKS[0].cases(torch.device("cpu"), torch.float32)
@@ -211,7 +212,7 @@ def test_workloads_follow_the_spec():
 
 
 def test_compile_report_is_delegated(monkeypatch):
-    from pyfastpeft import compile_report
+    from pyfastpeft.tools import compile_report
     seen = []
     monkeypatch.setattr(compile_report, "main", lambda argv: seen.append(list(argv)) or 7)
     assert main(["compile-report", "--arch", "90", "--json"]) == 7

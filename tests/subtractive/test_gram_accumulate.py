@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pyfastpeft import available_backends, testing
-from pyfastpeft.ops.gram_accumulate import gram_accumulate
-from pyfastpeft.reference.gram_accumulate import gram_accumulate_ref
+from pyfastpeft.subtractive.gram_accumulate import gram_accumulate
+from pyfastpeft.subtractive.reference import gram_accumulate_ref
 
 BACKENDS = available_backends("gram_accumulate", "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -90,7 +90,7 @@ def test_many_batches_equal_one_batch(backend):
 def test_triton_splits_and_blocks(splits):
     """Row splits (fp64 between them) and Kahan blocks (32 rows under the interpreter) give the same sums."""
     pytest.importorskip("triton")
-    from pyfastpeft.triton_kernels import gram_accumulate as tk
+    from pyfastpeft.triton_kernels.subtractive import gram_accumulate as tk
 
     x, y = torch.randn(150, 21), torch.randn(150, 18)
     G, C = tk.gram_fwd(x, y, True, splits=splits)
@@ -105,8 +105,8 @@ def test_triton_splits_and_blocks(splits):
 def test_declared_bytes(M, K, N, bias, dtype):
     """Each element of x and y is read once (unique bytes), and each split writes its G and C once."""
     pytest.importorskip("triton")
-    from pyfastpeft.triton_kernels import gram_accumulate as tk
-    from pyfastpeft.triton_trace import trace_memory
+    from pyfastpeft.triton_kernels.subtractive import gram_accumulate as tk
+    from pyfastpeft.tools.triton_trace import trace_memory
 
     x, y = torch.randn(M, K).to(dtype), torch.randn(M, N).to(dtype)
     with trace_memory() as tr:
@@ -119,8 +119,8 @@ def test_declared_bytes(M, K, N, bias, dtype):
 
 def test_cost_model_bandwidth_bound():
     """d = 768 bf16 on the modeled H100: X and Y read once; the tensor-core FLOPs decide the time."""
-    from pyfastpeft import perf
-    from pyfastpeft.triton_kernels._gram_accumulate_cost import gram_cost
+    from pyfastpeft.tools import perf
+    from pyfastpeft.triton_kernels.subtractive._gram_accumulate_cost import gram_cost
 
     M, d = 10 ** 6, 768
     c = gram_cost(M, d, d, 2)

@@ -1,4 +1,4 @@
-"""Subtractive fine-tuning (``pfp.subtractive``, ``specs/subtractive.md``): the fit recovers what it should,
+"""Subtractive fine-tuning (``pfp.subtractive``, ``docs/subtractive.md``): the fit recovers what it should,
 equals least squares, streams, replaces modules keeping shapes, freezes and restores modes as documented,
 and rejects bad input naming the module."""
 import json
@@ -20,7 +20,7 @@ sfp = pfp.subtractive
 def _torch_accumulation():
     # Under TRITON_INTERPRET=1 the auto backend of the accumulation op would be the Triton kernel run
     # program by program in numpy (minutes for the ViT); the op's backends are compared in
-    # tests/ops/test_gram_accumulate.py, and test_fit_with_triton_backend runs the fit through Triton once.
+    # tests/subtractive/test_gram_accumulate.py, and test_fit_with_triton_backend runs the fit through Triton once.
     with pfp.use_backend("torch"):
         yield
 
