@@ -159,3 +159,61 @@ class OpCheck:
     # leaves that stay fp32 when the case runs in fp16/bf16 (as in a real model: a learnable threshold is an
     # fp32 parameter); their gradients are judged by the low-precision rule of the activations they come from
     keep_fp32: tuple[str, ...] = ()
+
+
+# ----------------------------------------------------------------------------------------------------
+# autocast: an op under torch.autocast against the fp64 reference
+# ----------------------------------------------------------------------------------------------------
+def check_autocast(call, ref, leaves: dict, grads: tuple, dtype: torch.dtype, *, device: str = "cpu",
+                   reduction: Optional[dict] = None, seed: int = 0) -> dict:
+    """Run ``call(**inputs)`` inside ``torch.autocast(device, dtype)`` with fp32 leaves (a model's fp32
+    parameters and activations) and judge its output and the gradients of ``grads`` against
+    ``ref(**inputs)`` on fp64 leaves without autocast.
+
+    The low-precision rule applies with the autocast ``dtype``: the baseline is the reference itself run
+    under the same autocast (what plain PyTorch gets at that precision), so a backend may be
+    ``FWD_FACTOR`` / ``GRAD_FACTOR`` times as far from fp64 as that, plus the dtype's floor.
+    ``leaves``: fp64 CPU tensors (or other values, passed as they are); ``reduction`` (``{"out": n, name:
+    n}``) is only used when ``dtype`` is fp32. Returns ``{"out": Verdict, <grad name>: Verdict, ...,
+    "dtype": output dtype}``; the upstream gradient is random (seeded).
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def leaves_as(dt, grad):
+        out = {}
+        for k, v in leaves.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                v = v.detach().to(device=device, dtype=dt)
+                v.requires_grad_(grad and k in grads)
+            out[k] = v
+        return out
+
+    def run(fn, dt, autocast, out_dtype=None):
+        inp = leaves_as(dt, True)
+        with torch.autocast(device, dtype=dtype, enabled=autocast):
+            y = fn(**inp)
+        if out_dtype is not None:  # the baseline returns what the op returns (nn.Linear: the autocast dtype)
+            y = y.to(out_dtype)
+        gy = up.to(device=device, dtype=y.dtype)
+        gs = torch.autograd.grad(y, [inp[k] for k in grads], gy, allow_unused=True) if grads else ()
+        return y, dict(zip(grads, gs))
+
+    with torch.no_grad():
+        y64 = ref(**leaves_as(torch.float64, False))
+    up = randn(*y64.shape, dtype=torch.float64, generator=g)
+    y_ours, g_ours = run(call, torch.float32, True)
+    y_lo, g_lo = run(ref, torch.float32, True, out_dtype=y_ours.dtype)
+    y_ref, g_ref = run(ref, torch.float64, False)
+    red = reduction or {}
+    verdicts = {"dtype": y_ours.dtype,
+                "out": compare(y_ours, y_ref, y_lo, factor=FWD_FACTOR, reduction=red.get("out", 1), as_dtype=dtype)}
+    for k in grads:
+        if g_ref[k] is None:
+            verdicts[k] = Verdict(g_ours[k] is None, 0.0, 0.0, "no gradient in the reference")
+            continue
+        if g_ours[k] is None:
+            verdicts[k] = Verdict(False, math.inf, 0.0, "no gradient")
+            continue
+        verdicts[k] = compare(g_ours[k], g_ref[k], g_lo[k], factor=GRAD_FACTOR, reduction=red.get(k, 1),
+                              as_dtype=dtype)
+    return verdicts

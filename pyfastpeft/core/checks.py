@@ -1,6 +1,8 @@
 """Argument checks shared by every op: errors name the argument and say what was expected."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -49,3 +51,37 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     if autocast_on(x.device.type) and x.dtype != torch.float64:
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def check_scalar(name: str, value) -> float:
+    """A finite real number: a Python number or a 0-d (one-element) tensor, returned as a float.
+
+    Under ``torch.compile`` a traced (symbolic) number passes unchecked: testing it would break the graph.
+    """
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dim() > 1:
+            raise ValueError(f"{name} must be a number or a 0-d tensor, got a tensor of shape {tuple(value.shape)}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{name} must be a real number, got a {value.dtype} tensor")
+        if torch.compiler.is_compiling():
+            return value
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    if isinstance(value, (torch.SymFloat, torch.SymInt)) or torch.compiler.is_compiling():
+        return value
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    return float(value)
+
+
+def check_finite_tensor(name: str, t: Optional[Tensor]) -> None:
+    """Every element of ``t`` (None skipped) is finite. Reads the value back (one host sync), so it is
+    skipped under ``torch.compile`` and CUDA-graph capture, where the caller's eager runs did the check."""
+    if t is None or torch.compiler.is_compiling():
+        return
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if not bool(torch.isfinite(t.detach()).all()):
+        raise ValueError(f"{name} must be finite, got {t.detach().flatten()[:4].tolist()}"
+                         f"{' ...' if t.numel() > 4 else ''}")
