@@ -6,6 +6,7 @@
 //       G >= 1: the Triton base GEMM writes one row per program group, torch one row), tau 0-dim fp32.
 //       ratio_i = scale·sqrt(u_iᵀ gram u_i) / max(sqrt(Σ_g hsq[g, i]), 1e-6)  (fp32)
 //       selected_i = ratio_i >= max(tau, 0)                                     (bool; ties select)
+//       NaN propagates through both maxima: a NaN ratio is reported NaN and never selected (as torch).
 //       index[:count] = the selected rows in increasing order (int32), count (1,) int32 on the device.
 //   gated_expand_add_(y, u, b, index, count, scale)
 //       y[index[j]] += scale · u[index[j]] bᵀ for j < count, in place (the LoRA expand kernel with a
@@ -39,6 +40,10 @@ constexpr int kGateThreads = 256;  // 8 warps, one row each per step
 constexpr int kCompactThreads = 1024;
 constexpr float kNormEps = 1e-6f;  // floor of ‖h_i‖ (spec §1)
 
+// max(a, b) that returns NaN when a is NaN. fmaxf returns the other operand for a NaN, which would give a row
+// with a NaN in u or h the ratio 0 (selected for tau <= 0) where torch computes NaN (never selected).
+__device__ __forceinline__ float nan_max(float a, float b) { return isnan(a) ? a : fmaxf(a, b); }
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kGateThreads)
     gated_gate_kernel(const scalar_t* __restrict__ u, const float* __restrict__ gram,
@@ -47,7 +52,7 @@ __global__ void __launch_bounds__(kGateThreads)
                       int64_t R, int64_t G) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (kGateThreads / kWarp);
-  const float t = fmaxf(*tau, 0.f);
+  const float t = nan_max(*tau, 0.f);  // a NaN tau selects nothing, as torch's clamp
   for (int64_t m = static_cast<int64_t>(blockIdx.x) * (kGateThreads / kWarp) + threadIdx.x / kWarp; m < M;
        m += warps) {
     const scalar_t* um = u + m * R;
@@ -63,9 +68,9 @@ __global__ void __launch_bounds__(kGateThreads)
     q = warp_sum(q);
     ss = warp_sum(ss);
     if (lane == 0) {
-      const float r = sqrtf(fmaxf(scale * scale * q, 0.f)) / fmaxf(sqrtf(ss), kNormEps);
+      const float r = sqrtf(nan_max(scale * scale * q, 0.f)) / nan_max(sqrtf(ss), kNormEps);
       ratio[m] = r;
-      selected[m] = r >= t;
+      selected[m] = r >= t;  // false for a NaN ratio
     }
   }
 }

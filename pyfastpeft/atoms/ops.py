@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pyfastpeft.core import ext as _ext
+from pyfastpeft.core.amp import autocast_off
 from pyfastpeft.core.cost import launch
 from pyfastpeft.core.checks import FLOAT_DTYPES, autocast_on, check_same_device, check_tensor, compute_dtype
 from pyfastpeft.core.dtypes import acc_dtype
@@ -200,7 +201,8 @@ def atom_conv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], coeff: Te
     """Primitive forward: ``(conv2d(x, W', bias), W')`` with ``W' = W + ΔW``, symmetric integer padding."""
     impl = CONV_FWD.select(x.device, x, weight, bias, coeff, atoms, stride, padding, dilation, groups,
                            backend=backend)
-    return impl.fn(x, weight, bias, coeff, atoms, stride, padding, dilation, groups)
+    with autocast_off(x.device.type):
+        return impl.fn(x, weight, bias, coeff, atoms, stride, padding, dilation, groups)
 
 
 @atom_conv2d_fwd.register_fake
@@ -217,7 +219,8 @@ def atom_conv2d_bwd(dy: Tensor, x: Tensor, weight: Tensor, coeff: Tensor, atoms:
     for dx only; any tensor when ``need_dx`` is false). See ``pyfastpeft.atoms.torch_impl``."""
     impl = CONV_BWD.select(dy.device, dy, x, weight, coeff, atoms, stride, padding, dilation, groups, need_dx,
                            need_dd, backend=backend)
-    return impl.fn(dy, x, weight, coeff, atoms, stride, padding, dilation, groups, need_dx, need_dd)
+    with autocast_off(dy.device.type):
+        return impl.fn(dy, x, weight, coeff, atoms, stride, padding, dilation, groups, need_dx, need_dd)
 
 
 @atom_conv2d_bwd.register_fake
@@ -235,7 +238,8 @@ def atom_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], coeff: Te
                     backend: Optional[str] = None) -> Tensor:
     """Primitive forward on 2-D ``x (M, K)``: ``x (W + ΔW)ᵀ + bias``."""
     impl = LIN_FWD.select(x.device, x, weight, bias, coeff, atoms, backend=backend)
-    return impl.fn(x, weight, bias, coeff, atoms)
+    with autocast_off(x.device.type):
+        return impl.fn(x, weight, bias, coeff, atoms)
 
 
 @atom_linear_fwd.register_fake
@@ -248,7 +252,8 @@ def atom_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, coeff: Tensor, atoms:
                     backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """Primitive backward: ``(dx (M, K) or (0,), dD (m, kc, kc) fp32)``."""
     impl = LIN_BWD.select(dy.device, dy, x, weight, coeff, atoms, need_dx, backend=backend)
-    return impl.fn(dy, x, weight, coeff, atoms, need_dx)
+    with autocast_off(dy.device.type):
+        return impl.fn(dy, x, weight, coeff, atoms, need_dx)
 
 
 @atom_linear_bwd.register_fake
@@ -421,13 +426,17 @@ def compose_atoms(beta: Tensor, sub_atoms: Tensor) -> Tensor:
 
     ``beta (m1, m, C_in/g)``, ``sub_atoms (m1, m, kh, kw)``; a tiny einsum that autograd differentiates, so the
     per-channel atom gradient of :func:`atom_conv2d` flows on to both (and to deeper levels composed the same way).
+    Computed in the wider of the two dtypes (fp16 sub-atoms with fp32 coefficients give fp32 atoms) with autocast
+    off: under autocast the atoms are not rounded to bf16/fp16 before the fp32 fold.
     """
     check_tensor("beta", beta, 3)
     check_tensor("sub_atoms", sub_atoms, 4)
     if beta.shape[:2] != sub_atoms.shape[:2]:
         raise ValueError(f"beta (m1, m, C_in/g) and sub_atoms (m1, m, kh, kw) must agree on (m1, m), got "
                          f"{tuple(beta.shape)} and {tuple(sub_atoms.shape)}")
-    return torch.einsum("lji,ljpq->ijpq", beta, sub_atoms)
+    dt = torch.promote_types(beta.dtype, sub_atoms.dtype)
+    with autocast_off(beta.device.type):
+        return torch.einsum("lji,ljpq->ijpq", beta.to(dt), sub_atoms.to(dt))
 
 
 def explain_args(x, weight, bias, coeff, atoms, *, stride=1, padding=0, dilation=1, groups=1, backend=None):

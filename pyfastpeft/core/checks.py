@@ -63,7 +63,7 @@ def check_scalar(name: str, value) -> float:
             raise ValueError(f"{name} must be a number or a 0-d tensor, got a tensor of shape {tuple(value.shape)}")
         if value.is_complex() or value.dtype == torch.bool:
             raise ValueError(f"{name} must be a real number, got a {value.dtype} tensor")
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or value.device.type == "meta" or _is_fake(value):
             return value
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
@@ -75,11 +75,17 @@ def check_scalar(name: str, value) -> float:
     return float(value)
 
 
+def _is_fake(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
 def check_finite_tensor(name: str, t: Optional[Tensor]) -> None:
     """Every element of ``t`` (None skipped) is finite. Reads the value back (one host sync), so it is
     skipped under ``torch.compile`` and CUDA-graph capture, where the caller's eager runs did the check."""
-    if t is None or torch.compiler.is_compiling():
-        return
+    if t is None or torch.compiler.is_compiling() or t.device.type == "meta" or _is_fake(t):
+        return  # no values to read: tracing, or the performance model's meta tensors
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     if not bool(torch.isfinite(t.detach()).all()):

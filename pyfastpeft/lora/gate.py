@@ -10,8 +10,18 @@ from torch import Tensor
 
 from pyfastpeft.core.alloc import empty_out
 from pyfastpeft.core.dtypes import acc_dtype
+from pyfastpeft.core.amp import autocast_off
 
 EPS = 1e-6  # floor of ‖h_i‖ in r_i (docs/token_selective.md §1)
+
+
+def gram(lora_b: Tensor) -> Tensor:
+    """``BᵀB`` (R, R) in fp32, the matrix of the identity ``‖m_i‖² = s² u_iᵀ (BᵀB) u_i`` (the Triton and CUDA
+    gates). Computed with autocast off: under ``torch.autocast`` a matmul of fp32 tensors would be recast to
+    the 16-bit dtype, and the gate kernels take (and need) the fp32 Gram."""
+    with autocast_off(lora_b.device.type):
+        b = lora_b.float()
+        return b.t() @ b
 
 
 def smooth_step(z: Tensor) -> Tensor:
@@ -56,7 +66,15 @@ def finish_gate(dy, x, x_lora, u, ratio, weight, lora_a, lora_b, scale, tau, gat
                 g_all, da, db, dx, dxl):
     """The τ gradient and the ``"full"`` terms, shared by every backend (they touch only (M, R) tensors and
     the window rows). ``dx`` / ``dx_lora`` come from the selected-rows LoRA backward; in mode 1 ``dx_lora``
-    may be None when ``dx`` already holds it (a fused kernel)."""
+    may be None when ``dx`` already holds it (a fused kernel). Runs with autocast off: the window, the τ
+    gradient and the ``"full"`` terms are fp32 (acc dtype) matmuls that autocast would recast to 16 bits."""
+    with autocast_off(dy.device.type):
+        return _finish_gate(dy, x, x_lora, u, ratio, weight, lora_a, lora_b, scale, tau, gate_width, full, dx_mode,
+                            g_all, da, db, dx, dxl)
+
+
+def _finish_gate(dy, x, x_lora, u, ratio, weight, lora_a, lora_b, scale, tau, gate_width, full, dx_mode,
+                 g_all, da, db, dx, dxl):
     wd = acc_dtype(dy.dtype)
     dym = (g_all.to(wd) * u.to(wd)).sum(1)  # ⟨dy_i, m_i⟩
     w = tau_window(ratio, tau, gate_width, wd)

@@ -26,9 +26,11 @@ from torch import Tensor
 
 from pyfastpeft.core.cost import launch
 from pyfastpeft.core.backend import Backend, OpRegistry
-from pyfastpeft.core.checks import compute_dtype
+from pyfastpeft.core.checks import check_finite_tensor, compute_dtype
 from pyfastpeft.core.dtypes import acc_dtype
 from pyfastpeft.lora import torch_gated as _fallback
+from pyfastpeft.core.amp import autocast_as, autocast_off, autocast_state
+from pyfastpeft.lora.gate import gram as _gram
 from pyfastpeft.core import ext as _ext
 from pyfastpeft.lora.lora_linear import (_ORDER, _cuda_available, _cuda_supports, _triton_available,
                                        _triton_devices, _triton_why, launch, lora_linear, validate_lora_args)
@@ -70,7 +72,7 @@ def _cuda_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale, tau):
     h = torch.mm(x, weight.t())
     u = C.lora_shrink(x if x_lora is None else x_lora, lora_a)
     hsq = torch.linalg.vector_norm(h, dim=1, dtype=torch.float32).square_()[None]  # (1, M)
-    gram = lora_b.float().t() @ lora_b.float()
+    gram = _gram(lora_b)  # fp32 even under autocast (gated_gate takes an fp32 Gram)
     ratio, selected, index, count = C.gated_gate(u, gram, hsq, tau.detach().float(), scale)
     if bias is not None:
         h += bias
@@ -90,9 +92,11 @@ GATE_GRADS = ("threshold", "full")
 def gated_lora_linear_fwd(x: Tensor, x_lora: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
                           lora_a: Tensor, lora_b: Tensor, scale: float, tau: Tensor,
                           backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Primitive forward on 2-D x: ``(y (M, N), u (M, R), ratio (M,) fp32 (fp64 for fp64 x), selected (M,) bool)``."""
-    impl = FWD.select(x.device, x, x_lora, weight, bias, lora_a, lora_b, scale, tau, backend=backend)
-    return impl.fn(x, x_lora, weight, bias, lora_a, lora_b, scale, tau)
+    """Primitive forward on 2-D x: ``(y (M, N), u (M, R), ratio (M,) fp32 (fp64 for fp64 x), selected (M,) bool)``,
+    in the inputs' dtype with autocast off (``pyfastpeft.core.amp``)."""
+    with autocast_off(x.device.type):
+        impl = FWD.select(x.device, x, x_lora, weight, bias, lora_a, lora_b, scale, tau, backend=backend)
+        return impl.fn(x, x_lora, weight, bias, lora_a, lora_b, scale, tau)
 
 
 @gated_lora_linear_fwd.register_fake
@@ -108,10 +112,11 @@ def gated_lora_linear_bwd(dy: Tensor, x: Tensor, x_lora: Tensor, u: Tensor, rati
                           weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, tau: Tensor,
                           gate_width: float, full: bool, dx_mode: int, backend: Optional[str] = None
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Primitive backward: ``(dx, dx_lora, dA, dB, dtau)``; see ``pyfastpeft.lora.torch_gated``."""
+    """Primitive backward: ``(dx, dx_lora, dA, dB, dtau)``; see ``pyfastpeft.lora.torch_gated``. Autocast off."""
     args = (dy, x, x_lora, u, ratio, selected, weight, lora_a, lora_b, scale, tau, gate_width, full, dx_mode)
-    impl = BWD.select(dy.device, *args, backend=backend)
-    return impl.fn(*args)
+    with autocast_off(dy.device.type):
+        impl = BWD.select(dy.device, *args, backend=backend)
+        return impl.fn(*args)
 
 
 @gated_lora_linear_bwd.register_fake
@@ -123,10 +128,12 @@ def _(dy, x, x_lora, u, ratio, selected, weight, lora_a, lora_b, scale, tau, gat
 
 
 class GatedLoRALinearFn(torch.autograd.Function):
-    """Autograd glue on 2-D inputs; returns ``(y, selected, ratio)`` (the last two not differentiable)."""
+    """Autograd glue on 2-D inputs; returns ``(y, selected, ratio)`` (the last two not differentiable). The
+    backward runs under the autocast state of the forward (as ``torch.amp.custom_fwd`` / ``custom_bwd``)."""
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, tau, scale, gate_width, full, backend):
+        ctx.autocast = autocast_state(x.device.type)
         y, u, ratio, selected = torch.ops.pyfastpeft.gated_lora_linear_fwd(
             x, x_lora, weight, bias, lora_a, lora_b, scale, tau, backend)
         ctx.has_xl, ctx.scale, ctx.gate_width, ctx.full, ctx.backend = x_lora is not None, scale, gate_width, full, backend
@@ -141,6 +148,11 @@ class GatedLoRALinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dsel, _dratio):
+        with autocast_as(ctx.autocast):
+            return GatedLoRALinearFn._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x, xl, u, ratio, selected, weight, lora_a, lora_b, tau = ctx.saved_tensors
         if dy is None:  # y did not reach the loss
             return (None,) * 11
@@ -161,6 +173,7 @@ def _validate_gate(tau, gate_width, gate_grad, x) -> None:
                          f"{type(tau).__name__ if not isinstance(tau, Tensor) else f'shape {tuple(tau.shape)} {tau.dtype}'}")
     if tau.device != x.device:
         raise ValueError(f"tau is on {tau.device} but x is on {x.device}: all tensors must share a device")
+    check_finite_tensor("tau", tau)  # NaN / inf: one answer on every backend (eager only: it reads tau back)
     if isinstance(gate_width, bool) or not isinstance(gate_width, numbers.Real) or not gate_width > 0:
         raise ValueError(f"gate_width must be a number > 0, got {gate_width!r}")
     if gate_grad not in GATE_GRADS:
@@ -181,8 +194,20 @@ def gated_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
 
     Returns:
         ``y (..., N)``, or ``(y, selected, ratio)`` with ``return_gate=True``.
+
+    ``tau`` must be finite (NaN or inf raises ``ValueError``, as a non-finite ``scale``); it may have any
+    floating dtype (the comparison runs in fp32, fp64 for fp64 x). Under ``torch.autocast`` the op computes as
+    :func:`pyfastpeft.lora_linear` does (GEMMs in the autocast dtype, ``y`` in it) while the norms, the ratios,
+    the Gram matrix ``BᵀB``, the comparison and the τ gradient stay fp32; ``tau`` is not cast.
+
+    Non-finite x (every backend alike): a NaN in token row ``i`` of ``x`` makes row ``i`` of ``y`` NaN and
+    leaves the other rows as they would be without it. A token whose ratio ``r_i`` is NaN (a NaN or inf in its
+    row) is never selected (``NaN ≥ τ`` is false) and its ``ratio`` is reported NaN; the output of an unselected
+    token is exactly ``W x_i + b`` (the update is not added, not even as ``0 · m_i``), so an inf in ``x_i``
+    gives the same inf / NaN pattern in ``y_i`` on every backend. The backward is not row-local: such a row
+    makes ``dτ`` NaN (its window weight is NaN) and can reach ``dA`` / ``dB``.
     """
-    validate_lora_args(x, weight, bias, lora_a, lora_b, scale, dropout_p)
+    scale = validate_lora_args(x, weight, bias, lora_a, lora_b, scale, dropout_p)
     if tau is None:
         if gate_grad not in GATE_GRADS:
             raise ValueError(f"gate_grad must be one of {GATE_GRADS}, got {gate_grad!r}")

@@ -17,7 +17,6 @@ Backends:
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional
 
@@ -27,13 +26,14 @@ from torch import Tensor
 
 from pyfastpeft.core import ext as _ext
 from pyfastpeft.core.cost import launch
-from pyfastpeft.core.checks import (FLOAT_DTYPES, autocast_on, check_bias, check_same_device, check_tensor,
-                                     compute_dtype)
+from pyfastpeft.core.checks import (FLOAT_DTYPES, autocast_on, check_bias, check_same_device, check_scalar,
+                                     check_tensor, compute_dtype)
 from pyfastpeft.core.backend import (Backend, OpRegistry,
                                   triton_available as _triton_available,
                                   triton_devices as _triton_devices,
                                   triton_why as _triton_why)
 from pyfastpeft.lora import torch_impl as _fallback
+from pyfastpeft.core.amp import autocast_as, autocast_off, autocast_state
 
 # Auto order: Triton first. Its kernels are the fused path (shrink in the base GEMM's K loop, expand in
 # its epilogue); the cuda path is cuBLAS plus separate rank-r kernels, whose expand re-reads and re-writes
@@ -126,9 +126,11 @@ BWD.register(Backend("cuda", _cuda_bwd, devices=lambda: ("cuda",), available=_cu
 @torch.library.custom_op("pyfastpeft::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(x: Tensor, x_lora: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
                     lora_b: Tensor, scale: float, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
-    """Primitive forward on 2-D ``x (M, K)``: returns ``(y (M, N), u (M, R))``."""
-    impl = FWD.select(x.device, x, x_lora, weight, bias, lora_a, lora_b, scale, backend=backend)
-    return impl.fn(x, x_lora, weight, bias, lora_a, lora_b, scale)
+    """Primitive forward on 2-D ``x (M, K)``: returns ``(y (M, N), u (M, R))``, computed in the inputs' dtype
+    with autocast off (the public function has cast them to the autocast dtype: ``pyfastpeft.core.amp``)."""
+    with autocast_off(x.device.type):
+        impl = FWD.select(x.device, x, x_lora, weight, bias, lora_a, lora_b, scale, backend=backend)
+        return impl.fn(x, x_lora, weight, bias, lora_a, lora_b, scale)
 
 
 @lora_linear_fwd.register_fake
@@ -141,9 +143,11 @@ def _(x, x_lora, weight, bias, lora_a, lora_b, scale, backend=None):
 def lora_linear_bwd(dy: Tensor, x_lora: Tensor, u: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
                     scale: float, dx_mode: int, backend: Optional[str] = None
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Primitive backward: ``(dx, dx_lora, dA, dB)``; see ``pyfastpeft.lora.torch_impl``."""
-    impl = BWD.select(dy.device, dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode, backend=backend)
-    return impl.fn(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode)
+    """Primitive backward: ``(dx, dx_lora, dA, dB)``; see ``pyfastpeft.lora.torch_impl``. Autocast off, as
+    the forward."""
+    with autocast_off(dy.device.type):
+        impl = BWD.select(dy.device, dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode, backend=backend)
+        return impl.fn(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode)
 
 
 @lora_linear_bwd.register_fake
@@ -155,10 +159,12 @@ def _(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode, backend=None):
 
 
 class LoRALinearFn(torch.autograd.Function):
-    """Autograd glue on 2-D inputs. ``x_lora`` is None (no dropout) or ``dropout(x)``."""
+    """Autograd glue on 2-D inputs. ``x_lora`` is None (no dropout) or ``dropout(x)``. The backward runs
+    under the autocast state of the forward (as ``torch.amp.custom_fwd`` / ``custom_bwd``)."""
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, scale, backend):
+        ctx.autocast = autocast_state(x.device.type)
         y, u = torch.ops.pyfastpeft.lora_linear_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale, backend)
         ctx.has_xl = x_lora is not None
         ctx.scale, ctx.backend = scale, backend
@@ -169,6 +175,11 @@ class LoRALinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        with autocast_as(ctx.autocast):
+            return LoRALinearFn._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x_lora, u, weight, lora_a, lora_b = ctx.saved_tensors
         need_x, need_xl = ctx.needs_input_grad[0], ctx.has_xl and ctx.needs_input_grad[1]
         if ctx.has_xl:
@@ -190,8 +201,14 @@ class LoRALinearFn(torch.autograd.Function):
 
 
 
-def validate_lora_args(x, weight, bias, lora_a, lora_b, scale, dropout_p) -> None:
-    """Clear errors naming the argument and what was expected (shared with the gated variant)."""
+def validate_lora_args(x, weight, bias, lora_a, lora_b, scale, dropout_p) -> float:
+    """Clear errors naming the argument and what was expected (shared with the gated variant); returns
+    ``scale`` as a float (a Python number or a 0-d tensor; symbolic under ``torch.compile``).
+
+    Dtypes: outside autocast ``weight`` must have x's dtype (a frozen base weight in another dtype would be a
+    silent copy of the whole matrix at every call); ``bias``, ``lora_a`` and ``lora_b`` may be any floating
+    dtype and are cast to the compute dtype (gradients flow back in theirs), as PEFT's
+    ``autocast_adapter_dtype`` keeps fp32 adapters on a 16-bit model."""
     check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError(f"x must have a last dimension of size in_features, got a 0-D tensor")
@@ -214,13 +231,11 @@ def validate_lora_args(x, weight, bias, lora_a, lora_b, scale, dropout_p) -> Non
         raise ValueError(f"weight dtype {weight.dtype} must match x dtype {x.dtype} (or run under autocast)")
     if weight.requires_grad:
         raise ValueError("weight must be frozen (requires_grad=False): LoRA trains only lora_a and lora_b")
-    if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.SymFloat)):
-        raise ValueError(f"scale must be a finite real number, got {scale!r}")
-    # a traced (symbolic) scale is checked in eager mode only: math.isfinite would break the graph
-    if not torch.compiler.is_compiling() and not math.isfinite(float(scale)):
-        raise ValueError(f"scale must be a finite real number, got {scale!r}")
+    # a number or a 0-d tensor, finite; a traced (symbolic) scale is checked in eager mode only
+    scale = check_scalar("scale", scale)
     if not isinstance(dropout_p, (numbers.Real, torch.SymFloat)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    return scale
 
 
 
@@ -236,7 +251,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
         weight: ``(N, K)`` frozen base weight (``requires_grad=False``), same dtype as x.
         bias: ``(N,)`` or None; it may require grad (its gradient is ``dy.sum(0)``).
         lora_a: ``(R, K)``; lora_b: ``(N, R)``. Cast to the compute dtype (gradients flow back in theirs).
-        scale: ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
+        scale: ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA): a finite Python number or a 0-d tensor (read
+            as a number: no gradient flows to it). NaN or inf raises ``ValueError``.
         dropout_p: dropout probability on the input of A only, as PEFT; applied whenever ``> 0`` (a module
             passes 0 in eval mode).
         backend: ``"cuda" | "triton" | "torch" | None`` (auto). A forced backend that cannot run raises
@@ -245,6 +261,16 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     Returns:
         ``(..., N)`` in the compute dtype (x's, or the autocast dtype). Kernels accumulate in fp32.
 
+    Autocast: inside ``torch.autocast(device, dtype)`` the op computes as PEFT's layer there: x, the weight,
+    the bias and the adapters are cast to ``dtype`` (fp64 x stays fp64, as ``nn.Linear``), every GEMM runs
+    in it with fp32 accumulation, the output is ``dtype``, and the backward runs under the forward's
+    autocast state whatever the state at ``backward()``; gradients reach the leaves in their own dtypes.
+
+    Non-finite x: the forward is row-local on every backend. A NaN in token row ``i`` of ``x`` makes row
+    ``i`` of ``y`` NaN and leaves every other row as it would be without it; an inf makes row ``i``
+    non-finite with the same pattern of inf and NaN on every backend (the signs of the products decide it).
+    The backward is not row-local: the row reaches ``dA`` and ``dB`` through their sums over tokens.
+
     Example:
         >>> import torch, pyfastpeft as pfp
         >>> x, w = torch.randn(4, 8), torch.randn(6, 8)
@@ -252,7 +278,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
         >>> pfp.lora_linear(x, w, None, a, b, 0.5).shape
         torch.Size([4, 6])
     """
-    validate_lora_args(x, weight, bias, lora_a, lora_b, scale, dropout_p)
+    scale = validate_lora_args(x, weight, bias, lora_a, lora_b, scale, dropout_p)
     dt = compute_dtype(x)
     K, N = weight.shape[1], weight.shape[0]
     lead = x.shape[:-1]

@@ -33,8 +33,10 @@ def fwd(x: Tensor, x_lora: Optional[Tensor], weight: Tensor, bias: Optional[Tens
     m = torch.mm(u, lora_b.t()).mul_(scale)
     wd = acc_dtype(x.dtype)
     ratio = m.to(wd).norm(dim=1) / h.to(wd).norm(dim=1).clamp(min=EPS)
-    selected = ratio >= tau.to(wd).clamp(min=0)
-    y = h.addcmul_(selected.to(m.dtype)[:, None], m)
+    selected = ratio >= tau.to(wd).clamp(min=0)  # a NaN ratio compares false: never selected
+    # an unselected row is exactly h_i (+ b), as in the kernels that never expand it: adding 0 · m_i instead
+    # would turn an inf in m_i into NaN
+    y = h.add_(m.masked_fill_(~selected[:, None], 0))
     if bias is not None:
         y += bias
     return y, u, ratio, selected  # ratio in fp32 (fp64 for fp64 inputs: the fp64 test path stays exact)

@@ -72,7 +72,7 @@ def check_gated_gate(device: torch.device, op: Optional[Callable] = None) -> flo
     op's own ratios (so rounding at the threshold cannot fail it), ``index[:count]`` the selected rows in
     increasing order. A wrong flag, index or count scores ``inf``. Cases: M=37, R=3, G=2 with τ at the median
     (ties: τ equal to one row's ratio); M=2100 (three scan chunks of 1024), R=40, G=1, τ at the 30 % quantile;
-    τ < 0 (all selected); M=0."""
+    τ < 0 (all selected); M=0; rows with a NaN in ``u`` or ``hsq`` (ratio NaN, never selected: ``_gate_nan_rows``)."""
     op = op if op is not None else torch.ops.pyfastpeft_C.gated_gate
     gen = torch.Generator().manual_seed(2468)
     worst = 0.0
@@ -96,7 +96,30 @@ def check_gated_gate(device: torch.device, op: Optional[Callable] = None) -> flo
                 worst = max(worst, _norm_err(ratio, ref, dtype, R * R))
                 if len(taus) == 1 and q == 0.5 and M:  # again with τ equal to a row's own ratio: the tie selects
                     taus.append(ratio_c[M // 2].clone())
-    return worst
+    return max(worst, _gate_nan_rows(device, op, gen))
+
+
+def _gate_nan_rows(device: torch.device, op: Callable, gen: torch.Generator) -> float:
+    """A row with a NaN in ``u`` and one with a NaN in ``hsq`` must get ratio NaN and not be selected, also at
+    τ = 0, where a max that drops NaN (``fmaxf``) would give them ratio 0 and select them; the other rows are
+    finite, flagged ``ratio >= 0`` and compacted as usual. 0 if so, else ``inf``."""
+    M, R, nan_rows = 9, 4, [2, 5]
+    b64 = _randn(gen, 20, R)
+    gram = (b64.T @ b64).float()
+    hsq = torch.rand(2, M, generator=gen, dtype=torch.float64).float() + 0.05
+    hsq[1, nan_rows[1]] = float("nan")
+    for dtype in DTYPES:
+        u = _randn(gen, M, R).to(dtype)
+        u[nan_rows[0], 1] = float("nan")
+        ratio, sel, index, count = op(u.to(device), gram.to(device), hsq.to(device),
+                                      torch.tensor(0.0, device=device), 0.5)
+        ratio_c, sel_c, n = ratio.cpu(), sel.cpu(), int(count.cpu()[0])
+        others = [i for i in range(M) if i not in nan_rows]
+        want = torch.nonzero(ratio_c >= 0).flatten()
+        if not torch.isnan(ratio_c[nan_rows]).all() or not torch.isfinite(ratio_c[others]).all() or \
+                not torch.equal(sel_c, ratio_c >= 0) or n != want.numel() or not torch.equal(index.cpu()[:n].long(), want):
+            return math.inf
+    return 0.0
 
 
 def check_gated_expand_add_(device: torch.device, op: Optional[Callable] = None) -> float:

@@ -9,7 +9,8 @@ Maths and PEFT's conventions: ``docs/orthogonal.md`` §1-2.
   the ``plus`` convention whatever ``convention`` says), with PSOFT's optional Frobenius rescale ``eps``.
 
 Layering as every op: ``pyfastpeft::cayley_fwd`` / ``pyfastpeft::cayley_bwd`` custom ops (the registry
-runs inside them), :class:`CayleyFn`, and the public :func:`cayley`. Saved for backward: ``v`` and the
+runs inside them, with autocast off), :class:`CayleyFn` (its backward under the forward's autocast state:
+:mod:`pyfastpeft.core.amp`), and the public :func:`cayley`. Saved for backward: ``v`` and the
 work-dtype ``R`` (``G·b²`` values; the exact backward needs only ``R``, the Neumann backward recomputes
 the powers from ``v``).
 
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 from pyfastpeft.core import ext as _ext
+from pyfastpeft.core.checks import check_scalar
 from pyfastpeft.core.cost import count_torch, launch
 from pyfastpeft.core.dtypes import acc_dtype
 from pyfastpeft.core.backend import (Backend, OpRegistry,
@@ -33,6 +35,7 @@ from pyfastpeft.core.backend import (Backend, OpRegistry,
                                   triton_devices as _triton_devices,
                                   triton_why as _triton_why)
 from pyfastpeft.orthogonal import torch_impl as _fallback
+from pyfastpeft.core.amp import amp_bwd, amp_fwd, autocast_off
 
 METHODS = ("exact", "neumann")
 CONVENTIONS = ("minus", "plus")
@@ -112,9 +115,11 @@ BWD.register(Backend("cuda", _fallback.cayley_bwd, devices=lambda: ("cuda",), av
 @torch.library.custom_op("pyfastpeft::cayley_fwd", mutates_args=())
 def cayley_fwd(v: Tensor, block_size: int, method: str, convention: str, terms: int, eps: Optional[float],
                backend: Optional[str] = None) -> Tensor:
-    """``R (G, b, b)`` in the work dtype (fp32; fp64 for fp64 ``v``)."""
-    impl = FWD.select(v.device, v, block_size, method, convention, terms, eps, backend=backend)
-    return impl.fn(v, block_size, method, convention, terms, eps)
+    """``R (G, b, b)`` in the work dtype (fp32; fp64 for fp64 ``v``), with autocast off (it would run the
+    Neumann products and the backward's in 16 bits)."""
+    with autocast_off(v.device.type):
+        impl = FWD.select(v.device, v, block_size, method, convention, terms, eps, backend=backend)
+        return impl.fn(v, block_size, method, convention, terms, eps)
 
 
 @cayley_fwd.register_fake
@@ -125,9 +130,10 @@ def _(v, block_size, method, convention, terms, eps, backend=None):
 @torch.library.custom_op("pyfastpeft::cayley_bwd", mutates_args=())
 def cayley_bwd(dR: Tensor, v: Tensor, R: Tensor, block_size: int, method: str, convention: str, terms: int,
                eps: Optional[float], backend: Optional[str] = None) -> Tensor:
-    """``dv (G, n)`` in the work dtype."""
-    impl = BWD.select(v.device, dR, v, R, block_size, method, convention, terms, eps, backend=backend)
-    return impl.fn(dR, v, R, block_size, method, convention, terms, eps)
+    """``dv (G, n)`` in the work dtype (autocast off, as the forward)."""
+    with autocast_off(v.device.type):
+        impl = BWD.select(v.device, dR, v, R, block_size, method, convention, terms, eps, backend=backend)
+        return impl.fn(dR, v, R, block_size, method, convention, terms, eps)
 
 
 @cayley_bwd.register_fake
@@ -139,6 +145,7 @@ class CayleyFn(torch.autograd.Function):
     """``v (G, n)`` -> work-dtype ``R (G, b, b)``."""
 
     @staticmethod
+    @amp_fwd
     def forward(ctx, v, block_size, method, convention, terms, eps, backend):
         R = torch.ops.pyfastpeft.cayley_fwd(v, block_size, method, convention, terms, eps, backend)
         ctx.args = (block_size, method, convention, terms, eps, backend)
@@ -146,6 +153,7 @@ class CayleyFn(torch.autograd.Function):
         return R
 
     @staticmethod
+    @amp_bwd
     def backward(ctx, dR):
         v, R = ctx.saved_tensors
         b, method, convention, terms, eps, backend = ctx.args
@@ -176,7 +184,7 @@ def validate_cayley_args(v, block_size, method, convention, terms, eps, *, name:
         if method != "neumann":
             raise ValueError(f"eps (the Cayley-Neumann Frobenius rescale) applies to method='neumann' only, "
                              f"got eps={eps!r} with method={method!r}")
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+        if not check_scalar("eps", eps) > 0:  # a number or a 0-d tensor; NaN/inf/bool raise, naming eps
             raise ValueError(f"eps must be a positive number or None, got {eps!r}")
 
 
@@ -200,11 +208,14 @@ def cayley(v: Tensor, block_size: int, *, method: str = "exact", convention: str
             The Neumann series always approximates ``plus`` (as PEFT's), so it ignores this argument.
         terms: Neumann terms ``T ≥ 1``.
         eps: Neumann only: rescale ``Q`` per block to Frobenius norm ``eps`` when it is larger (PSOFT's
-            ``cayley_neumann_eps``); ``None`` = no rescale.
+            ``cayley_neumann_eps``); ``None`` = no rescale. A positive number or 0-d tensor (NaN, inf or a
+            bool raise ``ValueError`` naming ``eps``).
         backend: ``"cuda" | "triton" | "torch" | None`` (auto). A forced backend that cannot run raises.
 
     Returns:
-        ``R (G, b, b)`` in ``v.dtype``, computed in fp32 (fp64 for fp64 ``v``).
+        ``R (G, b, b)`` in ``v.dtype``, computed in fp32 (fp64 for fp64 ``v``). ``torch.autocast`` changes
+        nothing (the same bits, forward and backward): the solve and the Neumann products never run in 16
+        bits (``docs/orthogonal.md`` §7).
 
     Example:
         >>> import torch, pyfastpeft as pfp

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from pyfastpeft.core.backend import _check_name
+from pyfastpeft.core.checks import autocast_on, check_scalar
+from pyfastpeft.core.amp import autocast_off
 from pyfastpeft.core.dtypes import acc_dtype
 from pyfastpeft.orthogonal.cayley import cayley_work, validate_cayley_args
 from pyfastpeft.orthogonal.oft_linear import oft_linear
@@ -85,7 +87,7 @@ class OFTLinear(nn.Module):
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if K % block_size:
             raise ValueError(f"block_size must divide in_features={K}, got block_size={block_size}")
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        if not check_scalar("eps", eps) > 0:  # a number or a 0-d tensor; NaN/inf/bool raise, naming eps
             raise ValueError(f"eps (the COFT radius) must be a positive number, got {eps!r}")
         n = block_size * (block_size - 1) // 2
         G = K // block_size
@@ -148,14 +150,16 @@ class OFTLinear(nn.Module):
         return cayley_work(self.oft_v, self.block_size, self.method, self.convention, self.terms, None, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the base's dtype out of autocast (another dtype is cast to it and the result cast back);
+        under ``torch.autocast`` the layer computes in the autocast dtype and returns it, as ``nn.Linear``."""
         if self.coft:
             self.project_coft_()
         base = self.base_layer
         w, b = base.weight, base.bias
-        xd = x.to(w.dtype)
-        y = oft_linear(xd, w, b, self.oft_v, self.block_size, method=self.method, convention=self.convention,
-                       terms=self.terms, backend=self.backend)
-        return y.to(x.dtype)
+        ac = autocast_on(x.device.type)
+        y = oft_linear(x if ac else x.to(w.dtype), w, b, self.oft_v, self.block_size, method=self.method,
+                       convention=self.convention, terms=self.terms, backend=self.backend)
+        return y if ac else y.to(x.dtype)
 
     def _block_diag(self, R: torch.Tensor) -> torch.Tensor:
         G = self.base_layer.in_features // self.block_size
@@ -167,20 +171,22 @@ class OFTLinear(nn.Module):
         if self.coft:
             self.project_coft_()
         w = self.base_layer.weight
-        Rbd = self._block_diag(self.rotation())
-        return _plain_linear(self.base_layer, (w.to(Rbd.dtype) @ Rbd.t()).to(w.dtype))
+        with autocast_off(w.device.type):  # the merge is an fp32 product even when called under autocast
+            Rbd = self._block_diag(self.rotation())
+            return _plain_linear(self.base_layer, (w.to(Rbd.dtype) @ Rbd.t()).to(w.dtype))
 
     @torch.no_grad()
     def unmerged(self, merged_linear: nn.Linear) -> nn.Linear:
         """Undo :meth:`merged` on ``merged_linear``: ``W = W' R_bdᵀ⁻¹`` (``W' R_bd`` for exact Cayley, whose
         ``R`` is orthogonal; an fp32 solve for Neumann, whose ``R`` is only approximately orthogonal)."""
         w = merged_linear.weight
-        Rbd = self._block_diag(self.rotation())
-        if self.method == "exact":
-            out = w.to(Rbd.dtype) @ Rbd
-        else:
-            out = torch.linalg.solve(Rbd.t(), w.to(Rbd.dtype), left=False)
-        return _plain_linear(merged_linear, out.to(w.dtype))
+        with autocast_off(w.device.type):
+            Rbd = self._block_diag(self.rotation())
+            if self.method == "exact":
+                out = w.to(Rbd.dtype) @ Rbd
+            else:
+                out = torch.linalg.solve(Rbd.t(), w.to(Rbd.dtype), left=False)
+            return _plain_linear(merged_linear, out.to(w.dtype))
 
     def extra_repr(self) -> str:
         G = self.base_layer.in_features // self.block_size
@@ -204,10 +210,12 @@ def _merge_peft_oft_conv(peft_layer, mod, method: str) -> nn.Conv2d:
     flat = w.reshape(w.shape[0], -1)
     G = flat.shape[1] // mod.block_size
     Rbd = torch.block_diag(*R.expand(G, -1, -1).unbind(0))
+    with autocast_off(w.device.type):  # the merge is an fp32 product even when called under autocast
+        merged = (flat.to(Rbd.dtype) @ Rbd.t()).reshape(w.shape).to(w.dtype)
     out = nn.Conv2d(base.in_channels, base.out_channels, base.kernel_size, stride=base.stride, padding=base.padding,
                     dilation=base.dilation, groups=base.groups, bias=base.bias is not None,
                     padding_mode=base.padding_mode, device=w.device, dtype=w.dtype)
-    out.weight.copy_((flat.to(Rbd.dtype) @ Rbd.t()).reshape(w.shape).to(w.dtype))
+    out.weight.copy_(merged)
     if base.bias is not None:
         out.bias.copy_(base.bias)
     _freeze(out)
@@ -262,7 +270,7 @@ class PSOFTLinear(nn.Module):
             raise ValueError(f"svd must be 'full' or 'lowrank', got {svd!r}")
         if init not in ("psoft_init", "pissa_init"):
             raise ValueError(f"init must be 'psoft_init' or 'pissa_init', got {init!r}")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha == 0:
+        if check_scalar("alpha", alpha) == 0:  # a number or a 0-d tensor; NaN/inf/bool raise, naming alpha
             raise ValueError(f"alpha must be a finite non-zero number, got {alpha!r}")
         mag_a, mag_b = _vector_flags(vectors)
         wd = acc_dtype(base_layer.weight.dtype)
@@ -339,12 +347,14 @@ class PSOFTLinear(nn.Module):
                 "vectors": vec, "svd": self.svd, "init": self.init, "seed": self.seed, "niter": self.niter}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """As :meth:`OFTLinear.forward`: the base's dtype out of autocast, the autocast dtype under it."""
         base = self.base_layer
         w = base.weight
-        y = psoft_linear(x.to(w.dtype), w, base.bias, self.psoft_a, self.psoft_b, self.psoft_v, self.vector_a,
-                         self.vector_b, self.scaling, method=self.method, terms=self.terms, eps=self.eps,
-                         backend=self.backend)
-        return y.to(x.dtype)
+        ac = autocast_on(x.device.type)
+        y = psoft_linear(x if ac else x.to(w.dtype), w, base.bias, self.psoft_a, self.psoft_b, self.psoft_v,
+                         self.vector_a, self.vector_b, self.scaling, method=self.method, terms=self.terms,
+                         eps=self.eps, backend=self.backend)
+        return y if ac else y.to(x.dtype)
 
     def rotation(self) -> torch.Tensor:
         """``R' = diag(vector_b) R diag(vector_a)`` (r, r) in the work dtype (differentiable)."""
@@ -354,9 +364,10 @@ class PSOFTLinear(nn.Module):
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """``s · B (R' − I) A`` (N, K) in the work dtype."""
-        Rp = self.rotation()
-        D = Rp - torch.eye(self.r, dtype=Rp.dtype, device=Rp.device)
-        return self.scaling * (self.psoft_b.to(Rp.dtype) @ D @ self.psoft_a.to(Rp.dtype))
+        with autocast_off(self.psoft_a.device.type):  # fp32 products even when called under autocast
+            Rp = self.rotation()
+            D = Rp - torch.eye(self.r, dtype=Rp.dtype, device=Rp.device)
+            return self.scaling * (self.psoft_b.to(Rp.dtype) @ D @ self.psoft_a.to(Rp.dtype))
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:

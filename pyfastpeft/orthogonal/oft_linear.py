@@ -7,7 +7,9 @@ Shapes: ``x (..., K)``, ``weight (N, K)`` frozen, ``bias (N,)`` or None, ``oft_v
 ``(1, b(b−1)/2)`` (``block_share``: one block repeated G times). No ``K × K`` matrix is built.
 Saved for backward: ``x`` and the work-dtype ``R (G, b, b)`` (not the rotated copy of ``x``: backward
 gets ``dR_g = x_gᵀ (dy W)_g`` from ``x`` itself). PEFT rotates in the adapter's dtype (fp32) and casts
-back; so do we.
+back; so do we. Under ``torch.autocast`` the public function casts ``x``, ``weight`` and ``bias`` to the
+autocast dtype, the primitives run with autocast off and the backward replays the forward's autocast state
+(:mod:`pyfastpeft.core.amp`, ``docs/orthogonal.md`` §7).
 
 Layering: the Cayley transform is its own op (:mod:`pyfastpeft.orthogonal.cayley`, batched, one launch); the
 rotate + frozen GEMM is ``pyfastpeft::oft_linear_fwd/bwd``. Backends of the latter: ``torch``
@@ -28,12 +30,14 @@ import torch
 from torch import Tensor
 
 from pyfastpeft.core.cost import launch, torch_path_cost
+from pyfastpeft.core.dtypes import acc_dtype
 from pyfastpeft.core.backend import (Backend, OpRegistry,
                                   triton_available as _triton_available,
                                   triton_devices as _triton_devices)
 from pyfastpeft.orthogonal import torch_impl as _fallback
 from pyfastpeft.orthogonal.cayley import cayley_work, validate_cayley_args
-from pyfastpeft.core.checks import check_bias, check_same_device, check_tensor
+from pyfastpeft.core.checks import autocast_on, check_bias, check_same_device, check_tensor, compute_dtype
+from pyfastpeft.core.amp import amp_bwd, amp_fwd, autocast_off
 
 FWD = OpRegistry("oft_linear_fwd", public="oft_linear")
 BWD = OpRegistry("oft_linear_bwd", public="oft_linear")
@@ -65,9 +69,11 @@ BWD.register(Backend("triton", lambda *a: _tk().oft_bwd(*a), devices=_triton_dev
 @torch.library.custom_op("pyfastpeft::oft_linear_fwd", mutates_args=())
 def oft_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], R: Tensor,
                    backend: Optional[str] = None) -> Tensor:
-    """Primitive forward on 2-D ``x (M, K)`` with ``R (G or 1, b, b)``: returns ``y (M, N)``."""
-    impl = FWD.select(x.device, x, weight, bias, R, backend=backend)
-    return impl.fn(x, weight, bias, R)
+    """Primitive forward on 2-D ``x (M, K)`` with ``R (G or 1, b, b)``: returns ``y (M, N)`` in x's dtype.
+    ``x``, ``weight`` and ``bias`` arrive in the compute dtype; the backend runs with autocast off."""
+    with autocast_off(x.device.type):
+        impl = FWD.select(x.device, x, weight, bias, R, backend=backend)
+        return impl.fn(x, weight, bias, R)
 
 
 @oft_linear_fwd.register_fake
@@ -78,9 +84,10 @@ def _(x, weight, bias, R, backend=None):
 @torch.library.custom_op("pyfastpeft::oft_linear_bwd", mutates_args=())
 def oft_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, R: Tensor, need_dx: bool,
                    backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
-    """Primitive backward: ``(dx (M, K) or (0,), dR like R)``."""
-    impl = BWD.select(dy.device, dy, x, weight, R, need_dx, backend=backend)
-    return impl.fn(dy, x, weight, R, need_dx)
+    """Primitive backward: ``(dx (M, K) or (0,), dR like R)`` (autocast off, as the forward)."""
+    with autocast_off(dy.device.type):
+        impl = BWD.select(dy.device, dy, x, weight, R, need_dx, backend=backend)
+        return impl.fn(dy, x, weight, R, need_dx)
 
 
 @oft_linear_bwd.register_fake
@@ -92,6 +99,7 @@ class OFTLinearFn(torch.autograd.Function):
     """Autograd glue on 2-D ``x``; ``R`` is the work-dtype rotation from :class:`~pyfastpeft.orthogonal.cayley.CayleyFn`."""
 
     @staticmethod
+    @amp_fwd
     def forward(ctx, x, weight, bias, R, backend):
         y = torch.ops.pyfastpeft.oft_linear_fwd(x, weight, bias, R, backend)
         ctx.backend = backend
@@ -100,11 +108,12 @@ class OFTLinearFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @amp_bwd
     def backward(ctx, dy):
         x, weight, R = ctx.saved_tensors
         need_dx = bool(ctx.needs_input_grad[0])
         dx, dR = torch.ops.pyfastpeft.oft_linear_bwd(dy.contiguous(), x, weight, R, need_dx, ctx.backend)
-        dbias = dy.sum(0) if ctx.bias_grad else None
+        dbias = dy.sum(0, dtype=acc_dtype(dy.dtype)).to(dy.dtype) if ctx.bias_grad else None
         return (dx if need_dx else None, None, dbias, dR if ctx.needs_input_grad[3] else None, None)
 
 
@@ -126,8 +135,8 @@ def validate_oft_args(x, weight, bias, oft_v, block_size, method, convention, te
                          f"got {tuple(oft_v.shape)}")
     check_bias(bias, N)
     check_same_device(x, weight=weight, bias=bias, oft_v=oft_v)
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    if weight.dtype != x.dtype and not autocast_on(x.device.type):
+        raise ValueError(f"weight dtype {weight.dtype} must match x dtype {x.dtype} (or run under autocast)")
     if weight.requires_grad:
         raise ValueError("weight must be frozen (requires_grad=False): OFT trains only oft_v")
 
@@ -144,8 +153,10 @@ def oft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], oft_v: Tensor,
 
     Args:
         x: ``(..., K)`` input.
-        weight: ``(N, K)`` frozen base weight (``requires_grad=False``), x's dtype.
-        bias: ``(N,)`` or None.
+        weight: ``(N, K)`` frozen base weight (``requires_grad=False``), x's dtype (any floating dtype under
+            autocast: it is cast to the autocast dtype, as ``nn.Linear``'s).
+        bias: ``(N,)`` or None, any floating dtype: cast to the compute dtype (its gradient comes back in its
+            own dtype).
         oft_v: ``(G, b(b−1)/2)`` packed skew generators (PEFT's ``oft_R.weight``), or ``(1, …)`` shared by
             all ``G = K / b`` blocks (``block_share``).
         block_size: ``b``, must divide K.
@@ -154,15 +165,29 @@ def oft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], oft_v: Tensor,
         backend: ``"torch" | None`` (auto) for the layer op (the Cayley transform picks its own fastest).
 
     Returns:
-        ``(..., N)`` in x's dtype. The rotation runs in fp32 (fp64 for fp64 inputs), as PEFT's.
+        ``(..., N)`` in the compute dtype: x's, or under ``torch.autocast`` the autocast dtype (what
+        ``nn.Linear`` returns there; fp64 ``x`` stays fp64). The Cayley transform and the rotation of ``x``
+        run in fp32 (fp64 for fp64 inputs) whatever the compute dtype, as PEFT's adapter does; the rotated
+        input is rounded to the compute dtype for the frozen GEMM; the backward's ``dR`` accumulates in fp32.
+        Under autocast the backward runs under the forward's autocast state (``docs/orthogonal.md`` §7).
+
+    Non-finite inputs: rows are independent on the forward. A NaN anywhere in row ``i`` of ``x`` makes row
+    ``i`` of ``y`` NaN (the block rotation and the frozen GEMM mix every feature of the row) and leaves every
+    other row untouched; a ±inf makes row ``i`` non-finite (±inf or NaN, by backend). On the backward ``dx``
+    does not depend on ``x`` (it stays finite), while ``dR_g = x_gᵀ (dy W)_g`` sums over the rows: the
+    gradient of each block of ``oft_v`` that the non-finite value falls in (the shared block with
+    ``block_share``) is NaN — the whole block for the exact transform and Neumann ``terms >= 3``, the entries
+    that involve the bad feature for ``terms <= 2``. Every backend and the reference agree on these masks.
     """
     validate_oft_args(x, weight, bias, oft_v, block_size, method, convention, terms)
+    dt = compute_dtype(x)
     R = cayley_work(oft_v, block_size, method, convention, terms, None, _inner_backend(backend))
-    if x.dtype == torch.float64:
+    if dt == torch.float64:
         R = R.double()
     K, N = weight.shape[1], weight.shape[0]
     lead = x.shape[:-1]
-    y = OFTLinearFn.apply(x.reshape(-1, K), weight, bias, R, backend)
+    y = OFTLinearFn.apply(x.to(dt).reshape(-1, K), weight.to(dt), None if bias is None else bias.to(dt), R,
+                          backend)
     return y.reshape(*lead, N)
 
 

@@ -11,14 +11,15 @@ Shapes: ``x (..., K)``, ``weight (N, K)`` frozen, ``psoft_a (r, K)`` and ``psoft
 Saved for backward: ``u (M, r)`` only (W, A, B are frozen and re-read; ``R'`` is ``r × r``).
 Backward: ``g = dy B``; ``dR' = s gᵀ u``; ``dx = dy W + s (g (R' − I)) A``; ``R'``'s gradient flows to the
 vectors and through the Cayley op to ``psoft_v``.
+Dtypes: the GEMMs run in the compute dtype (x's, or the autocast dtype: the public function casts ``x``,
+``weight``, ``bias``, ``A`` and ``B`` to it), ``R'`` and ``dR'`` in fp32; the primitives run with autocast
+off and the backward replays the forward's autocast state (``docs/orthogonal.md`` §7).
 
 Backends of ``pyfastpeft::psoft_linear_fwd/bwd``: ``torch`` (``pyfastpeft.orthogonal.torch_impl``). The
 fused shrink → rotation → expand Triton path is not written yet: forcing ``triton``/``cuda`` raises.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import torch
@@ -28,7 +29,10 @@ from pyfastpeft.core.backend import Backend, OpRegistry
 from pyfastpeft.core.cost import torch_path_cost
 from pyfastpeft.orthogonal import torch_impl as _fallback
 from pyfastpeft.orthogonal.cayley import cayley_work, validate_cayley_args
-from pyfastpeft.core.checks import check_bias, check_same_device, check_tensor
+from pyfastpeft.core.checks import (autocast_on, check_bias, check_same_device, check_scalar, check_tensor,
+                                     compute_dtype)
+from pyfastpeft.core.dtypes import acc_dtype
+from pyfastpeft.core.amp import amp_bwd, amp_fwd, autocast_off
 
 FWD = OpRegistry("psoft_linear_fwd", public="psoft_linear")
 BWD = OpRegistry("psoft_linear_bwd", public="psoft_linear")
@@ -40,9 +44,11 @@ BWD.register(Backend("torch", _fallback.psoft_bwd, devices=lambda: ("cpu", "cuda
 @torch.library.custom_op("pyfastpeft::psoft_linear_fwd", mutates_args=())
 def psoft_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], psoft_a: Tensor, psoft_b: Tensor,
                      Rp: Tensor, scale: float, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
-    """Primitive forward on 2-D ``x (M, K)``: ``(y (M, N), u (M, r))``."""
-    impl = FWD.select(x.device, x, weight, bias, psoft_a, psoft_b, Rp, scale, backend=backend)
-    return impl.fn(x, weight, bias, psoft_a, psoft_b, Rp, scale)
+    """Primitive forward on 2-D ``x (M, K)``: ``(y (M, N), u (M, r))`` in x's dtype. Every tensor but ``Rp``
+    arrives in the compute dtype; the backend runs with autocast off."""
+    with autocast_off(x.device.type):
+        impl = FWD.select(x.device, x, weight, bias, psoft_a, psoft_b, Rp, scale, backend=backend)
+        return impl.fn(x, weight, bias, psoft_a, psoft_b, Rp, scale)
 
 
 @psoft_linear_fwd.register_fake
@@ -54,9 +60,10 @@ def _(x, weight, bias, psoft_a, psoft_b, Rp, scale, backend=None):
 @torch.library.custom_op("pyfastpeft::psoft_linear_bwd", mutates_args=())
 def psoft_linear_bwd(dy: Tensor, u: Tensor, weight: Tensor, psoft_a: Tensor, psoft_b: Tensor, Rp: Tensor,
                      scale: float, need_dx: bool, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
-    """Primitive backward: ``(dx (M, K) or (0,), dR' (r, r))``."""
-    impl = BWD.select(dy.device, dy, u, weight, psoft_a, psoft_b, Rp, scale, need_dx, backend=backend)
-    return impl.fn(dy, u, weight, psoft_a, psoft_b, Rp, scale, need_dx)
+    """Primitive backward: ``(dx (M, K) or (0,), dR' (r, r))`` (autocast off, as the forward)."""
+    with autocast_off(dy.device.type):
+        impl = BWD.select(dy.device, dy, u, weight, psoft_a, psoft_b, Rp, scale, need_dx, backend=backend)
+        return impl.fn(dy, u, weight, psoft_a, psoft_b, Rp, scale, need_dx)
 
 
 @psoft_linear_bwd.register_fake
@@ -68,6 +75,7 @@ class PSOFTLinearFn(torch.autograd.Function):
     """Autograd glue on 2-D ``x``; ``Rp`` is ``diag(vector_b) R diag(vector_a)`` in the work dtype."""
 
     @staticmethod
+    @amp_fwd
     def forward(ctx, x, weight, bias, psoft_a, psoft_b, Rp, scale, backend):
         y, u = torch.ops.pyfastpeft.psoft_linear_fwd(x, weight, bias, psoft_a, psoft_b, Rp, scale, backend)
         ctx.scale, ctx.backend = scale, backend
@@ -76,12 +84,13 @@ class PSOFTLinearFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @amp_bwd
     def backward(ctx, dy):
         u, weight, psoft_a, psoft_b, Rp = ctx.saved_tensors
         need_dx = bool(ctx.needs_input_grad[0])
         dx, dRp = torch.ops.pyfastpeft.psoft_linear_bwd(dy.contiguous(), u, weight, psoft_a, psoft_b, Rp,
                                                         ctx.scale, need_dx, ctx.backend)
-        dbias = dy.sum(0) if ctx.bias_grad else None
+        dbias = dy.sum(0, dtype=acc_dtype(dy.dtype)).to(dy.dtype) if ctx.bias_grad else None
         return (dx if need_dx else None, None, dbias, None, None, dRp if ctx.needs_input_grad[5] else None,
                 None, None)
 
@@ -117,13 +126,12 @@ def validate_psoft_args(x, weight, bias, psoft_a, psoft_b, psoft_v, vector_a, ve
     check_bias(bias, N)
     check_same_device(x, weight=weight, bias=bias, psoft_a=psoft_a, psoft_b=psoft_b, psoft_v=psoft_v,
                       vector_a=vector_a, vector_b=vector_b)
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    if weight.dtype != x.dtype and not autocast_on(x.device.type):
+        raise ValueError(f"weight dtype {weight.dtype} must match x dtype {x.dtype} (or run under autocast)")
     if weight.requires_grad or psoft_a.requires_grad or psoft_b.requires_grad:
         raise ValueError("weight, psoft_a and psoft_b must be frozen (requires_grad=False): PSOFT trains psoft_v "
                          "and the vectors only")
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
-        raise ValueError(f"scale must be a finite real number, got {scale!r}")
+    check_scalar("scale", scale)  # a number or a 0-d tensor; NaN/inf/bool raise a ValueError naming scale
 
 
 def psoft_rotation(psoft_v: Tensor, r: int, vector_a: Optional[Tensor], vector_b: Optional[Tensor], method: str,
@@ -144,28 +152,41 @@ def psoft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], psoft_a: Ten
     """PSOFT linear: ``y = x Wᵀ + bias + s · (u R'ᵀ − u) Bᵀ``, ``u = x Aᵀ``.
 
     Args:
-        x: ``(..., K)``. weight: ``(N, K)`` frozen. bias: ``(N,)`` or None.
+        x: ``(..., K)``. weight: ``(N, K)`` frozen, x's dtype (any floating dtype under autocast: cast to the
+            autocast dtype). bias: ``(N,)`` or None, any floating dtype (cast to the compute dtype).
         psoft_a: ``(r, K)``, psoft_b: ``(N, r)``: the frozen SVD factors (PEFT's ``_psoft_A_cache`` /
-            ``_psoft_B_cache``); cast to x's dtype.
+            ``_psoft_B_cache``), any floating dtype; cast to the compute dtype.
         psoft_v: ``(r(r−1)/2,)`` packed skew generator (PEFT's ``psoft_R.weight``).
-        vector_a, vector_b: ``(r,)`` or None (PEFT's ``psoft_mag_a`` / ``psoft_mag_b``).
-        scale: ``psoft_alpha / r``.
+        vector_a, vector_b: ``(r,)`` or None (PEFT's ``psoft_mag_a`` / ``psoft_mag_b``), any floating dtype:
+            they scale ``R`` in the work dtype (fp32; fp64 for fp64 inputs).
+        scale: ``psoft_alpha / r``: a finite number or a 0-d tensor (NaN, inf or a bool raise ``ValueError``
+            naming ``scale``).
         method: ``"exact"`` (``(I + Q)(I − Q)⁻¹``, fp32 solve) or ``"neumann"`` (PEFT's series, ``terms``
             terms, optional rescale ``eps`` = PEFT's ``cayley_neumann_eps``).
         backend: ``"torch" | None`` (auto) for the layer op (the Cayley transform picks its own fastest).
 
     Returns:
-        ``(..., N)`` in x's dtype.
+        ``(..., N)`` in the compute dtype: x's, or under ``torch.autocast`` the autocast dtype (what
+        ``nn.Linear`` and PEFT's ``psoft.Linear`` return there; fp64 ``x`` stays fp64). The GEMMs with ``W``,
+        ``A`` and ``B`` run in the compute dtype; the Cayley transform, ``R'`` and the gradient ``dR'`` (a sum
+        over the rows) in fp32. Under autocast the backward runs under the forward's autocast state.
+
+    Non-finite inputs: rows are independent on the forward. A NaN anywhere in row ``i`` of ``x`` makes row
+    ``i`` of ``y`` NaN (both ``x Wᵀ`` and the rank-``r`` projection ``u_i = x_i Aᵀ`` mix every feature of the
+    row) and leaves every other row untouched; a ±inf makes row ``i`` non-finite (±inf or NaN). On the
+    backward ``dx`` does not depend on ``x`` (it stays finite), while ``dR' = s gᵀ u`` sums over the rows: the
+    gradients of ``psoft_v`` and of the vectors are NaN.
     """
     validate_psoft_args(x, weight, bias, psoft_a, psoft_b, psoft_v, vector_a, vector_b, scale, method, terms, eps)
+    dt = compute_dtype(x)
     r = psoft_a.shape[0]
     Rp = psoft_rotation(psoft_v, r, vector_a, vector_b, method, terms, eps, backend if backend == "torch" else None)
-    if x.dtype == torch.float64:
+    if dt == torch.float64:
         Rp = Rp.double()
     K, N = weight.shape[1], weight.shape[0]
     lead = x.shape[:-1]
-    y = PSOFTLinearFn.apply(x.reshape(-1, K), weight, bias, psoft_a.to(x.dtype), psoft_b.to(x.dtype), Rp,
-                            float(scale), backend)
+    y = PSOFTLinearFn.apply(x.to(dt).reshape(-1, K), weight.to(dt), None if bias is None else bias.to(dt),
+                            psoft_a.to(dt), psoft_b.to(dt), Rp, float(check_scalar("scale", scale)), backend)
     return y.reshape(*lead, N)
 
 

@@ -155,7 +155,9 @@ def cayley_bwd(dR: Tensor, v: Tensor, R: Tensor, block_size: int, method: str, c
         for _ in range(2, d):
             P.append(torch.bmm(P[-1], Qs))
         QsT = Qs.transpose(1, 2)
-        dQ = torch.zeros_like(Qs)
+        # T = 1 (R = I): the gradient is 0·dR, not a fresh zero, so a NaN in dR propagates as in the
+        # reference and the Triton kernel (docs/orthogonal.md §8)
+        dQ = torch.zeros_like(Qs) if d else G * 0.0
         gP = G * coeffs[d] if d else None
         for k in range(d, 1, -1):
             dQ.baddbmm_(P[k - 1].transpose(1, 2), gP)

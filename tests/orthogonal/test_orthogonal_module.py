@@ -24,6 +24,7 @@ def _perturb(layer, scale=0.1, seed=1):
         for p in layer.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * scale)
+    return layer
 
 
 OFT_KW = [dict(block_size=8), dict(block_size=8, method="exact"), dict(block_size=16, block_share=True),

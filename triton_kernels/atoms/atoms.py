@@ -366,7 +366,10 @@ def _atom_linear_grad_kernel(
     for j in range(0, M):  # a runtime loop: unrolling m contractions of the tile spills in fp32 (compile report)
         cj = tl.load(c_ptr + ra[:, None] * s_ca + rb[None, :] * s_cb + j * s_cj, mask=c_ok,
                      other=0.0).to(tl.float32)  # (NBT, KBT)
-        dj = tl.sum(tl.sum(cj[:, :, None, None] * tile, axis=0), axis=0)  # (KC, KC)
+        # blocks past N/K are masked out rather than multiplied by their zero coefficient: the tile's padded rows
+        # (dy loaded as 0) times an Inf in x are NaN there, which 0 * NaN would carry into every atom's gradient
+        dj = tl.sum(tl.sum(tl.where(c_ok[:, :, None, None], cj[:, :, None, None] * tile, 0.0), axis=0),
+                    axis=0)  # (KC, KC)
         tl.store(part_ptr + pid * s_pp + j * s_pj + rp[:, None] * s_pr + rp[None, :] * s_pc, dj)
 
 

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from pyfastpeft.core.alloc import empty_out
-from pyfastpeft.lora.gate import EPS, finish_gate
+from pyfastpeft.lora.gate import EPS, finish_gate, gram as _gram
 from pyfastpeft.triton_kernels.lora import lora_linear as _lk
 from pyfastpeft.core.triton_config import AOTSpec, autotune_configs, interpreting
 from pyfastpeft.core.cost import cdiv as _cdiv
@@ -42,9 +42,10 @@ supports = _lk.supports
 
 @triton.jit
 def _gated_epilogue(acc, hsq, rm, rn, m_ok, n_ok, bias_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS: tl.constexpr):
-    """Store y = h + bias for one tile; return hsq plus the tile's row sums of h² (h as stored, rounded)."""
+    """Store y = h + bias for one tile; return hsq plus the tile's row sums of h² (h as stored, rounded; the
+    columns past N are x · 0, NaN for an inf in x: they are left out)."""
     hf = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
-    hsq += tl.sum(hf * hf, axis=1)
+    hsq += tl.sum(tl.where(n_ok[None, :], hf * hf, 0.0), axis=1)
     if HAS_BIAS:
         hf += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, hf.to(y_ptr.dtype.element_ty),
@@ -99,7 +100,8 @@ def _gate_kernel(
     BLOCK_J: tl.constexpr,
 ):
     """The gate of one row block: ``‖m_i‖`` from ``u_i`` and the Gram ``BᵀB`` (``g_ptr``, R x R fp32),
-    ``‖h_i‖`` from the ``G`` partial sums of ``h²``, ``r_i`` and ``S_i = r_i ≥ max(τ, 0)`` (all fp32)."""
+    ``‖h_i‖`` from the ``G`` partial sums of ``h²``, ``r_i`` and ``S_i = r_i ≥ max(τ, 0)`` (all fp32; a NaN
+    ratio stays NaN and is not selected, as in torch)."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
     m_ok, r_ok = rm < M, rr < R
@@ -115,8 +117,11 @@ def _gate_kernel(
     ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for g in range(0, G):
         ss += tl.load(hsq_ptr + g * M + rm, mask=m_ok, other=0.0)
-    ratio = tl.sqrt(tl.maximum(scale * scale * q, 0.0)) / tl.maximum(tl.sqrt(ss), EPS)
-    sel = ratio >= tl.maximum(tl.load(tau_ptr).to(tl.float32), 0.0)
+    # NaN-propagating maxima (tl.maximum's default, like fmaxf, returns the other operand for a NaN): a row with
+    # a NaN in u or h gets a NaN ratio, as in torch, and NaN >= t is false: never selected (nor with a NaN tau)
+    ratio = tl.sqrt(tl.maximum(scale * scale * q, 0.0, propagate_nan=tl.PropagateNan.ALL)) / \
+        tl.maximum(tl.sqrt(ss), EPS, propagate_nan=tl.PropagateNan.ALL)
+    sel = ratio >= tl.maximum(tl.load(tau_ptr).to(tl.float32), 0.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(ratio_ptr + rm, ratio, mask=m_ok)
     tl.store(sel_ptr + rm, sel.to(tl.uint8), mask=m_ok)
 
@@ -247,7 +252,7 @@ def gate(u, lora_b, hsq, scale: float, tau):
     gate over row blocks (reads ``u``, the ``R x R`` Gram of B, a torch matmul on ``(N, R)``, and
     ``hsq (G, M)``: nothing of size M x N), then the one-program compaction of the flags."""
     M, R = u.shape
-    gram = lora_b.float().t() @ lora_b.float()
+    gram = _gram(lora_b)  # fp32, also under autocast
     ratio = empty_out((M,), like=u, dtype=torch.float32)
     selected = torch.empty((M,), dtype=torch.bool, device=u.device)
     index = empty_out((M,), like=u, dtype=torch.int32)

@@ -207,7 +207,9 @@ def _lora_fwd_kernel(
     acc, acc_u = _fwd_mainloop(x_ptr, xl_ptr, w_ptr, a_ptr, rm, rn, rr, m_ok, n_ok, r_ok, K,
                                stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk, stride_ar,
                                stride_ak, True, HAS_XL, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
-    u = acc_u.to(u_ptr.dtype.element_ty)  # rounded like PyTorch's u before the expand
+    # rounded like PyTorch's u before the expand; the padding ranks R..BLOCK_R are set to 0, not left as
+    # x · 0 (NaN for an inf in x, which the expand's dot would spread over the whole row of y)
+    u = tl.where(r_ok[None, :], acc_u, 0.0).to(u_ptr.dtype.element_ty)
     if pid_g == 0:
         tl.store(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur, u, mask=m_ok[:, None] & r_ok[None, :])
     _fwd_epilogue(acc, u, rm, rn, rr, m_ok, n_ok, r_ok, R, scale, b_ptr, bias_ptr, y_ptr,
