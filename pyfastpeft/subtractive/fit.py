@@ -23,9 +23,14 @@ Solve (fp64, once per module, ``d = K + 1`` with the bias column):
   truncated SVD of ``S W`` gives ``W_k = S⁻¹ U_k Σ_k V_kᵀ``, so it minimises the same least-squares error.
 * ``diagonal=True`` (``K == N``): per-feature ``y_c = s_c x_c + b_c``, from the diagonals of ``G`` and ``C``.
 
-Errors: ``‖Y − X̃F‖_F / ‖Y‖_F``. On the calibration rows it comes from the statistics
-(``‖Y‖² − 2⟨F, C⟩ + ⟨F, GF⟩``; with fp32 statistics its floor is about ``sqrt(eps_fp32) ≈ 3e-4``); on the
-held-out batches (``heldout=``) it is computed row by row after the solve (exact, rows still not held).
+Errors: ``‖Y − X̃F‖_F / ‖Y‖_F``. On the calibration rows, still in one pass and without the cancellation of
+``‖Y‖² − 2⟨F, C⟩ + ⟨F, GF⟩`` (whose fp32 floor, ~3e-4, hid every near-linear module): each batch's rows are
+compared, in fp64, with a reference solution ``F₀`` (solved once from the first ``2·d`` rows' statistics with
+the fit's ``ridge``/``method``): ``A = Σ‖Y − X̃F₀‖²``, ``V = X̃ᵀ(Y − X̃F₀)`` and the rows' fp64 Gram ``G₆₄``
+are summed; after the solve ``‖Y − X̃F‖² = A − 2⟨V, Δ⟩ + ⟨Δ, G₆₄Δ⟩`` with ``Δ = F − F₀`` (exact algebra, every
+term of the size of the error itself: it matches the residual computed row by row to ~1e-8 relative). Until
+``F₀`` exists the rows are kept (copied): fewer than ``2·d`` rows. On the held-out batches (``heldout=``) the
+error is computed row by row after the solve (exact, rows not held).
 
 Bad input raises ``ValueError`` naming the module: a name that does not exist, an output that is not
 one tensor, feature sizes that change between batches, NaN/inf activations, no rows; fewer rows than
@@ -44,6 +49,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from pyfastpeft.core.amp import autocast_off
 from pyfastpeft.core.dtypes import acc_dtype
 from pyfastpeft.core.table import table
 from pyfastpeft.subtractive.modules import FilterBlock
@@ -195,10 +201,17 @@ def _match_candidates(model: nn.Module, candidates) -> list[str]:
 # ----------------------------------------------------------------------------------------------------
 # statistics
 # ----------------------------------------------------------------------------------------------------
-class _Stats:
-    """Streaming sums for one module: G, C (fp64), Σ‖y‖², rows, and the shapes seen."""
+REF_ROWS = 2  # the reference solution F₀ of the calibration error is solved once rows >= REF_ROWS * d
+RESID_BLOCK = 8192  # rows per fp64 block of the residual against F₀ (bounds the fp64 copies)
 
-    def __init__(self, name: str, bias: bool, feature_dim: Optional[int]):
+
+class _Stats:
+    """Streaming sums for one module: G, C (fp64 sums of the fp32 batch statistics: the solve's), Σ‖y‖², rows,
+    the shapes seen, and the fp64 sums against a reference solution ``F₀`` (``A``, ``V``, ``G64``, ``YY``) that
+    give the calibration error without cancellation (:func:`_calib_error`)."""
+
+    def __init__(self, name: str, bias: bool, feature_dim: Optional[int],
+                 ref_solve: Optional[Callable[["_Stats"], Tensor]] = None):
         self.name, self.bias, self.feature_dim_arg = name, bias, feature_dim
         self.G: Optional[Tensor] = None
         self.C: Optional[Tensor] = None
@@ -208,6 +221,15 @@ class _Stats:
         self.feature_dim = None
         self.dtype = self.device = None
         self.calls = 0
+        # calibration error (docs/subtractive.md §1): residual against F₀, fp64
+        self.ref_solve = ref_solve
+        self.F0: Optional[Tensor] = None
+        self.A: Optional[Tensor] = None  # Σ ‖Y − X̃F₀‖² (0-d, on the statistics' device: no sync per batch)
+        self.V: Optional[Tensor] = None  # X̃ᵀ(Y − X̃F₀)
+        self.G64: Optional[Tensor] = None  # X̃ᵀX̃ summed in fp64 from the rows (the solve's G is fp32 per batch)
+        self.YY: Optional[Tensor] = None  # ‖Y‖² in fp64 (yy above is summed in the activations' precision)
+        self.pending: list = []  # rows (copies) seen before F₀ exists
+        self.pending_rows = 0
         # held-out (computed after the solve, from F)
         self.F: Optional[Tensor] = None
         self.ho_err2 = 0.0
@@ -247,8 +269,9 @@ class _Stats:
 
     def add(self, x: Tensor, y: Tensor, backend: Optional[str]) -> None:
         x2, y2 = self.rows_of(x, y)
-        if x2.dtype != y2.dtype:
-            y2 = y2.to(x2.dtype)
+        if x2.dtype != y2.dtype:  # e.g. under autocast: the wider dtype, so neither side is rounded
+            dt = torch.promote_types(x2.dtype, y2.dtype)
+            x2, y2 = x2.to(dt), y2.to(dt)
         g, c = gram_accumulate(x2, y2, bias=self.bias, backend=backend)
         # NaN/inf in the rows reach the sums; one fp64 total per matrix tells (a finite fp32 matrix cannot
         # overflow an fp64 sum), without a boolean copy of G
@@ -267,6 +290,68 @@ class _Stats:
             self.C.add_(c)
         self.yy += yy
         self.rows += x2.shape[0]
+        self._add_residual_rows(x2, y2)
+
+    # ------------------------------------------------------------------ calibration error without cancellation
+    def _add_residual_rows(self, x2: Tensor, y2: Tensor) -> None:
+        if self.F0 is not None:
+            self._residual(x2, y2)
+            return
+        d = self.K + (1 if self.bias else 0)
+        if self.pending_rows + x2.shape[0] >= REF_ROWS * d:
+            self._set_reference()  # from the statistics so far, this batch included
+            self._residual(x2, y2)
+        else:  # copies: the model may change its activations in place after the hook (ReLU(inplace=True))
+            self.pending.append((x2.clone(), y2.clone()))
+            self.pending_rows += x2.shape[0]
+
+    def _set_reference(self) -> None:
+        """``F₀``: the fit's full solve on the statistics so far (zeros if that fails; the error stays exact in
+        algebra, only its rounding grows with ``‖X̃(F − F₀)‖``), then the residual of the rows kept until now."""
+        F0 = None
+        if self.ref_solve is not None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    F0 = self.ref_solve(self)
+            except (ValueError, RuntimeError):
+                F0 = None
+        if F0 is None or not bool(torch.isfinite(F0).all()):
+            F0 = torch.zeros_like(self.C)
+        self.F0 = F0
+        self.A = torch.zeros((), dtype=torch.float64, device=F0.device)
+        self.V = torch.zeros_like(F0)
+        self.G64 = torch.zeros_like(self.G)
+        self.YY = torch.zeros((), dtype=torch.float64, device=F0.device)
+        pending, self.pending, self.pending_rows = self.pending, [], 0
+        for xp, yp in pending:
+            self._residual(xp, yp)
+
+    def _residual(self, x2: Tensor, y2: Tensor) -> None:
+        """``A += ‖Y − X̃F₀‖²``, ``V += X̃ᵀ(Y − X̃F₀)``, ``G64 += X̃ᵀX̃``, ``YY += ‖Y‖²``, all in fp64, by blocks."""
+        K, F0, G64 = self.K, self.F0, self.G64
+        W0 = F0[:K]
+        for m0 in range(0, x2.shape[0], RESID_BLOCK):
+            xd = x2[m0:m0 + RESID_BLOCK].to(device=F0.device, dtype=torch.float64)
+            yd = y2[m0:m0 + RESID_BLOCK].to(device=F0.device, dtype=torch.float64)
+            self.YY += torch.linalg.vector_norm(yd) ** 2
+            r = yd - xd @ W0
+            if self.bias:
+                r -= F0[K]
+            self.A += torch.linalg.vector_norm(r) ** 2
+            self.V[:K].addmm_(xd.t(), r)
+            G64[:K, :K].addmm_(xd.t(), xd)
+            if self.bias:
+                self.V[K] += r.sum(0)
+                sx = xd.sum(0)
+                G64[K, :K] += sx
+                G64[:K, K] += sx
+                G64[K, K] += xd.shape[0]
+
+    def finish(self) -> None:
+        """End of the calibration pass: form ``F₀`` now if fewer than ``2·d`` rows came."""
+        if self.F0 is None and self.rows > 0:
+            self._set_reference()
 
     def add_heldout(self, x: Tensor, y: Tensor) -> None:
         x2, y2 = self.rows_of(x, y)
@@ -308,7 +393,9 @@ def _install_hooks(model: nn.Module, stats: dict, on_rows: Callable[[_Stats, Ten
                 raise ValueError(f"module {st.name!r}: input and output must be floating tensors, got "
                                  f"{x.dtype} -> {out.dtype}")
             st.calls += 1
-            on_rows(st, x.detach(), out.detach())
+            # the model runs under the caller's autocast; the statistics (fp32 sums, fp64 solves) never do
+            with autocast_off(x.device.type):
+                on_rows(st, x.detach(), out.detach())
 
         handles.append(mod.register_forward_hook(hook, with_kwargs=True))
     return handles
@@ -412,10 +499,10 @@ def _run_pass(model, data, forward, stats, on_rows, desc, progress, max_batches)
 
 
 def _collect(model: nn.Module, names: Sequence[str], data, *, bias: bool, feature_dim, forward, backend,
-             progress, max_batches, where: str) -> dict:
+             progress, max_batches, where: str, ref_solve: Optional[Callable] = None) -> dict:
     if data is None:
         raise ValueError(f"{where}: data is None; pass a DataLoader or an iterable of batches")
-    stats = {n: _Stats(n, bias, feature_dim) for n in names}
+    stats = {n: _Stats(n, bias, feature_dim, ref_solve) for n in names}
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -430,6 +517,8 @@ def _collect(model: nn.Module, names: Sequence[str], data, *, bias: bool, featur
             why = "the data gave no batches" if st.calls == 0 else "its calls had no rows"
             raise ValueError(f"module {st.name!r}: saw no calibration rows ({why}; is the module used in the "
                              "model's forward?)")
+    for st in stats.values():
+        st.finish()
     return stats
 
 
@@ -523,9 +612,14 @@ def _solve(st: _Stats, *, ridge: float, method: str, rank: Optional[int], diagon
 
 
 def _calib_error(st: _Stats, F: Tensor) -> float:
-    """``‖Y − X̃F‖ / ‖Y‖`` from the statistics: ``‖Y‖² − 2⟨F, C⟩ + ⟨F, G F⟩`` (clamped at 0)."""
-    e2 = st.yy - 2.0 * float((F * st.C).sum()) + float((F * (st.G @ F)).sum())
-    return math.sqrt(max(e2, 0.0) / st.yy) if st.yy > 0 else (0.0 if e2 <= 0 else math.inf)
+    """``‖Y − X̃F‖ / ‖Y‖`` on the calibration rows: ``A − 2⟨V, Δ⟩ + ⟨Δ, G₆₄Δ⟩`` with ``Δ = F − F₀`` (``A``, ``V``,
+    ``G₆₄`` the fp64 sums of :class:`_Stats`). Exact algebra in which no term is of the size of ``‖Y‖²`` (the
+    cancellation of ``‖Y‖² − 2⟨F, C⟩ + ⟨F, GF⟩``), and ``G₆₄`` is the rows' fp64 Gram, not the solve's fp32 one,
+    whose rounding (``eps_fp32·‖G‖``) swamps ``⟨Δ, GΔ⟩`` in the weak directions of ill-conditioned inputs."""
+    D = F.to(st.F0.device) - st.F0
+    e2 = float(st.A) - 2.0 * float((D * st.V).sum()) + float((D * (st.G64 @ D)).sum())
+    yy = float(st.YY)
+    return math.sqrt(max(e2, 0.0) / yy) if yy > 0 else (0.0 if e2 <= 0 else math.inf)
 
 
 def _params(module: nn.Module) -> int:
@@ -561,8 +655,12 @@ def _check_options(ridge, method, rank, diagonal, rcond, feature_dim, where):
 def _fit_all(model, names, data, *, ridge, method, rank, diagonal, bias, rcond, heldout, feature_dim, forward,
              backend, progress, max_batches, where) -> tuple[FitReport, dict, dict]:
     _check_options(ridge, method, rank, diagonal, rcond, feature_dim, where)
+
+    def ref_solve(st: _Stats) -> Tensor:  # F₀ of the calibration error: a full solve (docs §1)
+        return _solve(st, ridge=ridge, method=method, rank=None, diagonal=False, rcond=rcond)["F"]
+
     stats = _collect(model, names, data, bias=bias, feature_dim=feature_dim, forward=forward, backend=backend,
-                     progress=progress, max_batches=max_batches, where=where)
+                     progress=progress, max_batches=max_batches, where=where, ref_solve=ref_solve)
     sols = {}
     report = FitReport()
     for name in names:
@@ -714,8 +812,9 @@ def rank_modules(model: nn.Module, data: Iterable, candidates, *, top_k: Optiona
         Other arguments as :func:`fit`.
 
     Returns:
-        :class:`FitReport` sorted by ``error`` (lowest first: the most redundant modules), each with its
-        ``params_saved``. The model is not changed (modes restored, nothing replaced or frozen).
+        :class:`FitReport` sorted by ``error`` (lowest first: the most redundant modules), ties by larger
+        ``params_saved``, then by name (deterministic whatever the candidates' order). The model is not
+        changed (modes restored, nothing replaced or frozen).
     """
     names = _match_candidates(model, candidates)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
@@ -723,7 +822,7 @@ def rank_modules(model: nn.Module, data: Iterable, candidates, *, top_k: Optiona
     report, _, _ = _fit_all(model, names, data, ridge=ridge, method=method, rank=rank, diagonal=diagonal, bias=bias,
                             rcond=rcond, heldout=heldout, feature_dim=feature_dim, forward=forward, backend=backend,
                             progress=progress, max_batches=max_batches, where="rank_modules")
-    out = FitReport(sorted(report, key=lambda m: (m.error, -m.params_saved)))
+    out = FitReport(sorted(report, key=lambda m: (m.error, -m.params_saved, m.name)))
     return FitReport(out[:top_k]) if top_k is not None else out
 
 

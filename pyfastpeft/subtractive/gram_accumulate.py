@@ -6,7 +6,8 @@ column only when ``bias``); returns ``G (K+1, K+1)`` (symmetric, both triangles 
 never held. No gradient: the fit runs under ``torch.no_grad()`` (a call on inputs that require grad
 raises).
 
-Precision: inputs fp32/fp16/bf16 give fp32 ``G``, ``C``; fp64 inputs give fp64. Summation is blocked:
+Precision: inputs fp32/fp16/bf16 give fp32 ``G``, ``C``; fp64 inputs give fp64; under ``torch.autocast``
+the same (the primitive runs with autocast off). Summation is blocked:
 fp32 partial sums over bounded row blocks (16-bit products are exact in fp32) combined in wider
 precision (the torch backend adds blocks in fp64; the Triton kernel Kahan-compensates its block sums and
 adds its row splits in fp64), so the error does not grow with ``M``.
@@ -26,6 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from pyfastpeft.core.amp import autocast_off
 from pyfastpeft.core.cost import launch
 from pyfastpeft.core.backend import (Backend, OpRegistry,
                                   triton_available as _triton_available,
@@ -59,9 +61,13 @@ REG.register(Backend("triton", _triton_fwd, devices=_triton_devices, available=_
 # --------------------------------------------------------------------------------------------- primitive
 @torch.library.custom_op("pyfastpeft::gram_accumulate", mutates_args=())
 def gram_accumulate_prim(x: Tensor, y: Tensor, bias: bool, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
-    """Primitive on 2-D ``x (M, K)``, ``y (M, N)``: ``(G (K+1, K+1), C (K+1, N))``."""
+    """Primitive on 2-D ``x (M, K)``, ``y (M, N)``: ``(G (K+1, K+1), C (K+1, N))``.
+
+    Autocast is still enabled inside a custom op: it is switched off here, so that the sums stay fp32 (fp64)
+    under ``torch.autocast`` whatever ops a backend uses (a bf16 ``mm`` would round ``G`` to 8 bits)."""
     impl = REG.select(x.device, x, y, bias, backend=backend)
-    return impl.fn(x, y, bias)
+    with autocast_off(x.device.type):
+        return impl.fn(x, y, bias)
 
 
 @gram_accumulate_prim.register_fake
