@@ -73,17 +73,71 @@ def _from_config(name: str, mod: nn.Module, info: dict, tensors: Dict[str, torch
     """A module that takes the place of ``mod`` (e.g. ``FilterBlock``), in the saved tensors' dtype."""
     cls = _family_modules().get(info["class"])
     if cls is None:
-        raise ValueError(f"load_adapter: module {name!r} needs pyfastpeft.nn.{info['class']}, which is not "
-                         "available in this install")
+        raise ValueError(f"module {name!r} needs pyfastpeft.nn.{info['class']}, which is not available in this "
+                         "install")
     ref = next(iter(list(mod.parameters()) + list(mod.buffers())), None)
     saved = [t for k, t in tensors.items() if k.startswith(name + ".") and t.is_floating_point()]
     dtype = saved[0].dtype if saved else (ref.dtype if ref is not None else None)
     try:
         new = cls.from_config(info["config"], device=ref.device if ref is not None else None, dtype=dtype)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"load_adapter: {info['class']}.from_config failed for module {name!r}: {e}") from e
+        raise ValueError(f"{info['class']}.from_config failed for module {name!r}: {e}") from e
     new.train(mod.training)
     return new
+
+
+def _read_config(cfg_path: Path) -> dict:
+    """The JSON config, checked entry by entry; every error names the file and what is wrong."""
+    where = f"load_adapter: {str(cfg_path)!r}"
+    try:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where} is not a readable JSON file ({type(e).__name__}: {e})") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where} must hold a JSON object, got a JSON {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{where} is not a {FORMAT} file (format={meta.get('format')!r})")
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{where}: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{where}: format_version {version} is newer than this pyfastpeft reads "
+                         f"({FORMAT_VERSION}); upgrade pyfastpeft")
+    if "modules" not in meta:
+        raise ValueError(f"{where} has no \"modules\" entry (the adapted modules and their configs)")
+    modules = meta["modules"]
+    if not isinstance(modules, dict) or not modules:
+        raise ValueError(f"{where}: \"modules\" must be a non-empty JSON object (module path -> settings), got "
+                         f"{modules!r}"[:300])
+    for name, info in modules.items():
+        w = f"{where}: module {name!r}"
+        if not isinstance(info, dict):
+            raise ValueError(f"{w}: its entry must be a JSON object, got {info!r}"[:300])
+        builder = info.get("builder", "method")
+        if builder not in ("method", "from_config"):
+            raise ValueError(f"{w}: \"builder\" must be \"method\" or \"from_config\", got {builder!r}")
+        if not isinstance(info.get("class"), str):
+            raise ValueError(f"{w}: \"class\" must be the adapter's class name (a string), got "
+                             f"{info.get('class')!r}")
+        if builder == "method" and not isinstance(info.get("method"), str):
+            raise ValueError(f"{w}: \"method\" must be a method name (a string), got {info.get('method')!r}")
+        if not isinstance(info.get("config"), dict):
+            raise ValueError(f"{w}: \"config\" must be a JSON object of the adapter's settings, got "
+                             f"{info.get('config')!r}"[:300])
+        backend = info.get("backend")
+        if backend is not None and not isinstance(backend, str):
+            raise ValueError(f"{w}: \"backend\" must be null or a backend name, got {backend!r}")
+    return meta
+
+
+def _read_tensors(w_path: Path) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(w_path))
+    except Exception as e:  # safetensors raises its own SafetensorError (not a ValueError) on a bad file
+        raise ValueError(f"load_adapter: {str(w_path)!r} is not a readable safetensors file (truncated or "
+                         f"corrupt?): {type(e).__name__}: {e}") from e
 
 
 def load_adapter(model: nn.Module, path, *, backend: Optional[str] = None) -> nn.Module:
@@ -92,46 +146,48 @@ def load_adapter(model: nn.Module, path, *, backend: Optional[str] = None) -> nn
     ``model`` is a freshly built base model (each saved module path holds the plain base layer: the adapter
     is injected with the saved ``adapter_config``) or one that already holds the same adapters. Tensors are
     copied bit for bit (same dtype). Everything but the adapters is frozen, as after :func:`inject`.
-    Nothing is changed when an error is raised: a missing module, a class mismatch, or a tensor whose shape
-    differs (the error names the tensor and both shapes).
-    """
-    from safetensors.torch import load_file
 
+    Raises:
+        ValueError: naming the file and what is wrong, and with ``model`` untouched (no parameter, buffer,
+            ``requires_grad`` flag or submodule changed): files missing, unreadable or truncated
+            (safetensors or JSON), a config that is not a pyfastpeft adapter config or lacks ``"modules"``
+            or a module's settings, a module the model lacks (with close names), a class or method mismatch,
+            an adapter that cannot be built from the saved settings, or a tensor missing, unexpected, or of
+            another shape or dtype than the model's adapter (the error names the tensor and both).
+    """
     p = Path(path)
     cfg_path, w_path = (p / CONFIG_NAME, p / WEIGHTS_NAME) if p.is_dir() else (p.with_suffix(".json"), p)
     if not cfg_path.is_file() or not w_path.is_file():
         raise ValueError(f"load_adapter: expected {CONFIG_NAME} and {WEIGHTS_NAME} in {str(p)!r}")
-    meta = json.loads(cfg_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"load_adapter: {str(cfg_path)!r} is not a {FORMAT} file (format={meta.get('format')!r})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"load_adapter: format_version {meta['format_version']} is newer than this pyfastpeft "
-                         f"reads ({FORMAT_VERSION}); upgrade pyfastpeft")
-    tensors = load_file(str(w_path))
+    meta = _read_config(cfg_path)
+    tensors = _read_tensors(w_path)
     modules = dict(model.named_modules())
     # 1. build (not install) each adapter, or reuse an installed one of the same class
     built: Dict[str, nn.Module] = {}
     frozen_before: Dict[int, bool] = {id(q): q.requires_grad for q in model.parameters()}
     try:
-        for name, info in meta["modules"].items():
-            mod = modules.get(name)
-            if mod is None:
-                raise ValueError(f"load_adapter: the model has no module {name!r}; close names: "
-                                 f"{_close_names(name, modules)}")
-            if info.get("builder") == "from_config" and not (is_adapter(mod) and type(mod).__name__ == info["class"]):
-                built[name] = _from_config(name, mod, info, tensors)
-            elif is_adapter(mod):
-                if type(mod).__name__ != info["class"]:
-                    raise ValueError(f"load_adapter: module {name!r} holds a {type(mod).__name__}, the file a "
-                                     f"{info['class']}")
-                built[name] = mod
-            else:
-                ad = build_adapter(info["method"], mod, name, backend=backend if backend is not None
-                                   else info.get("backend"), **info["config"])
-                if type(ad).__name__ != info["class"]:
-                    raise ValueError(f"load_adapter: module {name!r}: method {info['method']!r} built a "
-                                     f"{type(ad).__name__}, the file holds a {info['class']}")
-                built[name] = ad
+        try:
+            for name, info in meta["modules"].items():
+                mod = modules.get(name)
+                if mod is None:
+                    raise ValueError(f"the model has no module {name!r}; close names: "
+                                     f"{_close_names(name, modules)}")
+                if info.get("builder") == "from_config" and not (is_adapter(mod) and
+                                                                 type(mod).__name__ == info["class"]):
+                    built[name] = _from_config(name, mod, info, tensors)
+                elif is_adapter(mod):
+                    if type(mod).__name__ != info["class"]:
+                        raise ValueError(f"module {name!r} holds a {type(mod).__name__}, the file a {info['class']}")
+                    built[name] = mod
+                else:
+                    ad = build_adapter(info["method"], mod, name, backend=backend if backend is not None
+                                       else info.get("backend"), **info["config"])
+                    if type(ad).__name__ != info["class"]:
+                        raise ValueError(f"module {name!r}: method {info['method']!r} built a "
+                                         f"{type(ad).__name__}, the file holds a {info['class']}")
+                    built[name] = ad
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"load_adapter: {str(cfg_path)!r}: {e}") from e
         # 2. check every tensor before copying any
         targets: Dict[str, torch.Tensor] = {}
         for name, ad in built.items():
@@ -139,14 +195,18 @@ def load_adapter(model: nn.Module, path, *, backend: Optional[str] = None) -> nn
                 targets[f"{name}.{k}" if name else k] = t
         missing = sorted(set(targets) - set(tensors))
         extra = sorted(set(tensors) - set(targets))
+        where = f"load_adapter: {str(w_path)!r}"
         if missing or extra:
-            raise ValueError(f"load_adapter: tensors differ from the model's adapters: missing in the file "
+            raise ValueError(f"{where}: tensors differ from the model's adapters: missing in the file "
                              f"{missing[:8]}, unexpected in the file {extra[:8]}")
         for k, src in tensors.items():
             dst = targets[k]
             if tuple(src.shape) != tuple(dst.shape):
-                raise ValueError(f"load_adapter: tensor {k!r} has shape {tuple(src.shape)} in the file but "
+                raise ValueError(f"{where}: tensor {k!r} has shape {tuple(src.shape)} in the file but "
                                  f"{tuple(dst.shape)} in the model")
+            if src.dtype != dst.dtype:
+                raise ValueError(f"{where}: tensor {k!r} has dtype {src.dtype} in the file but {dst.dtype} in the "
+                                 "model (tensors are loaded bit for bit: build the model in the saved dtype)")
     except Exception:
         for q in model.parameters():  # constructors froze the base layers: undo
             q.requires_grad_(frozen_before.get(id(q), q.requires_grad))
