@@ -15,7 +15,10 @@ depthwise 7x7, m in {4, 9}, recursive m1 = 3. Per workload, one run measures:
 
     python benchmarks/bench_atoms.py [--quick] [--rounds 5] [--json benchmarks/results/atoms-cpu.json]
 
-No timing assertions anywhere: the numbers are evidence.
+Writes ``pyfastpeft-results/atoms-cpu.json`` (git-ignored) unless ``--json`` names a file; the committed
+``benchmarks/results/atoms-cpu.json`` changes only when named. Every CPU timing keeps its spread
+(``cpu_spread_*`` = (p80 - p20) / median); a ratio that uses a timing with spread > 20 % is flagged
+(``<ratio>_noisy``, ``(x)!`` in the table): not a result. No timing assertions anywhere: the numbers are evidence.
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ import pyfastpeft as pfp  # noqa: E402
 from pyfastpeft import testing  # noqa: E402
 from pyfastpeft.tools import perf  # noqa: E402
 from pyfastpeft.core.table import table  # noqa: E402
+from pyfastpeft.tools import timing  # noqa: E402
+from pyfastpeft.tools.bench import results_dir  # noqa: E402
 from pyfastpeft.tools.timing import time_interleaved  # noqa: E402
 from pyfastpeft.atoms.torch_impl import seed_atom_conv2d  # noqa: E402
 from pyfastpeft.nn import AtomConv2d  # noqa: E402
@@ -95,8 +100,8 @@ def _step(mod, x, gy, params):
 
 
 def wall_clock(mods, cin, hw, batch, rounds):
-    """Median seconds of one fwd+bwd step per module: one warm-up each, then ``rounds`` interleaved rounds
-    (machine noise hits every provider alike)."""
+    """``{name: Timing}`` (seconds) of one fwd+bwd step per module: one warm-up each, then ``rounds``
+    interleaved rounds (machine noise hits every provider alike)."""
     x = _x(batch, cin, hw, torch.float32)
     with torch.no_grad():
         shape = mods["frozen"](x).shape
@@ -104,7 +109,7 @@ def wall_clock(mods, cin, hw, batch, rounds):
     params = {k: [p for p in m.parameters() if p.requires_grad] for k, m in mods.items()}
     res = time_interleaved({k: partial(_step, m, x, gy, params[k]) for k, m in mods.items()}, warmup=1,
                            min_rounds=rounds, max_rounds=rounds)
-    return {k: t.median for k, t in res.items()}
+    return res
 
 
 def gate(layer, cin, hw, batch):
@@ -155,7 +160,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="first two conv shapes only")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "atoms-cpu.json"))
+    ap.add_argument("--json", default=str(results_dir(None) / "atoms-cpu.json"),
+                    help="results JSON (default: pyfastpeft-results/atoms-cpu.json, git-ignored; name "
+                         "benchmarks/results/atoms-cpu.json to update the committed file)")
     ap.add_argument("--no-params", action="store_true", help="skip the timm parameter counts")
     args = ap.parse_args(argv)
     os.environ["PYFASTPEFT_STRICT"] = "1"
@@ -181,11 +188,16 @@ def main(argv=None):
             if bad:
                 row.update(cpu_gate=bad)
             else:
-                med = wall_clock({"frozen": frozen, "ours": layer, "seed": seed}, cin, hw, ATOM_BATCH["cpu"],
-                                 args.rounds)
-                row.update(cpu_ms_frozen=med["frozen"] * 1e3, cpu_ms_ours=med["ours"] * 1e3,
-                           cpu_ms_seed=med["seed"] * 1e3, cpu_seed_over_ours=med["seed"] / med["ours"],
-                           cpu_ours_over_frozen=med["ours"] / med["frozen"])
+                t = wall_clock({"frozen": frozen, "ours": layer, "seed": seed}, cin, hw, ATOM_BATCH["cpu"],
+                               args.rounds)
+                row.update(cpu_ms_frozen=t["frozen"].median * 1e3, cpu_ms_ours=t["ours"].median * 1e3,
+                           cpu_ms_seed=t["seed"].median * 1e3,
+                           cpu_seed_over_ours=t["seed"].median / t["ours"].median,
+                           cpu_ours_over_frozen=t["ours"].median / t["frozen"].median,
+                           cpu_spread_frozen=t["frozen"].spread, cpu_spread_ours=t["ours"].spread,
+                           cpu_spread_seed=t["seed"].spread,
+                           cpu_seed_over_ours_noisy=t["seed"].noisy or t["ours"].noisy,
+                           cpu_ours_over_frozen_noisy=t["ours"].noisy or t["frozen"].noisy)
             row["seconds"] = round(time.time() - t0, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -196,22 +208,37 @@ def main(argv=None):
                 cpu=platform.processor() or platform.machine(),
                 threads=args.threads, rounds=args.rounds, pyfastpeft=pfp.__version__,
                 note="h100_* are a roofline MODEL (docs/performance.md), not measurements")
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(dict(meta=meta, rows=rows, params=params), f, indent=1)
     print(markdown(rows, params))
+    print(f"\nwrote {args.json}")
+
+
+def _ratio_x(value: float, flagged: bool) -> str:
+    """``1.85x``, or ``(1.85x)!`` when the ratio uses a timing with spread > 20 % (not a result)."""
+    return f"({value:.2f}x){timing.FLAG}" if flagged else f"{value:.2f}x"
 
 
 def markdown(rows, params) -> str:
     body = []
+    flagged = False
     for r in rows:
-        cpu = ([f"{r['cpu_seed_over_ours']:.2f}x", f"{r['cpu_ours_over_frozen']:.2f}x"] if "cpu_seed_over_ours" in r
-               else [f"gate failed: {r.get('cpu_gate')}", "-"])
+        if "cpu_seed_over_ours" in r:
+            f1, f2 = bool(r.get("cpu_seed_over_ours_noisy")), bool(r.get("cpu_ours_over_frozen_noisy"))
+            flagged = flagged or f1 or f2
+            spreads = " / ".join(timing.spread_text(r.get(f"cpu_spread_{k}")) for k in ("frozen", "ours", "seed"))
+            cpu = [_ratio_x(r["cpu_seed_over_ours"], f1), _ratio_x(r["cpu_ours_over_frozen"], f2), spreads]
+        else:
+            cpu = [f"gate failed: {r.get('cpu_gate')}", "-", "-"]
         saved = f"{r['saved_frozen'] / 1e6:.2f} / {r['saved_ours'] / 1e6:.2f} / {r['saved_seed'] / 1e6:.2f} MB"
         body.append([r["workload"], r["m"], r["m1"], saved, f"{r['h100_ours_over_frozen']:.2f}x",
                      f"{r['h100_seed_over_ours']:.2f}x", *cpu])
     out = [table(["workload", "m", "m1", "saved B/sample frozen / ours / seed", "modeled H100 ours/frozen",
-                  "modeled seed/ours", "CPU seed/ours", "CPU ours/frozen"], body, markdown=True)]
+                  "modeled seed/ours", "CPU seed/ours", "CPU ours/frozen", "CPU spread frozen / ours / seed"], body,
+                 markdown=True)]
+    if flagged:
+        out += ["", timing.FOOTNOTE]
     if params:
         out += ["", table(["model", "m", "m1", "atom layers", "trainable", "total", "%"],
                           [[p["model"], p["m"], p["m1"], p["layers"], f"{p['trainable']:,}", f"{p['total']:,}",

@@ -16,7 +16,11 @@ projections at r = 16, selected fractions 1.0 / 0.5 / 0.25. Per workload and fra
 
     python benchmarks/bench_gated_lora.py [--quick] [--no-cpu] [--out benchmarks/results/gated-lora-cpu]
 
-Writes ``<out>.json``, ``<out>.csv`` and ``<out>.png``. No timing assertions anywhere: the numbers are evidence.
+Writes ``<out>.json``, ``<out>.csv`` and ``<out>.png`` (default ``pyfastpeft-results/gated-lora-cpu``, git-ignored;
+the committed ``benchmarks/results/`` files change only when ``--out`` names them). CPU timings keep their
+spread (``cpu_*_spread`` = (p80 - p20) / median); a ratio that uses a timing with spread > 20 % is flagged
+(``cpu_ours_over_peft_noisy``; ``(x)!`` in the printed table): not a result. No timing assertions anywhere:
+the numbers are evidence.
 """
 from __future__ import annotations
 
@@ -35,7 +39,9 @@ from shapes import LinearWorkload, lora_workloads  # noqa: E402
 
 import pyfastpeft as pfp  # noqa: E402
 from pyfastpeft.tools import bench  # noqa: E402
-from pyfastpeft.tools import perf
+from pyfastpeft.tools import perf  # noqa: E402
+from pyfastpeft.tools import timing  # noqa: E402
+from pyfastpeft.core.table import table  # noqa: E402
 from pyfastpeft.lora.gated_lora_linear import modeled_selection  # noqa: E402
 from pyfastpeft.reference import gated_lora_linear_ref  # noqa: E402
 from pyfastpeft.testing import FWD_FACTOR, compare  # noqa: E402
@@ -104,8 +110,10 @@ def cpu_times(w: LinearWorkload, fraction: float, budget_s: float) -> dict:
     gy = torch.randn(w.M, w.N, generator=torch.Generator().manual_seed(2))
     calls = {"gated": bench.Timed(lambda: fn(*args).backward(gy), list(args)),
              "peft": bench.Timed(lambda: peft_layer(xp).backward(gy), [xp] + list(peft_layer.parameters()))}
-    t = bench.time_cpu_interleaved(calls, budget_s=budget_s)
-    return {"gated_ms": t["gated"][0], "peft_ms": t["peft"][0], "selected": float(sel.float().mean())}
+    t = bench.time_cpu_interleaved(calls, budget_s=budget_s)  # {name: (median, p20, p80)} ms
+    return {"gated_ms": t["gated"][0], "peft_ms": t["peft"][0], "selected": float(sel.float().mean()),
+            "gated_spread": timing.spread(*t["gated"]), "peft_spread": timing.spread(*t["peft"]),
+            "noisy": timing.any_noisy([t["gated"], t["peft"]])}
 
 
 def main(argv=None) -> int:
@@ -113,7 +121,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="only Llama 4096x4096 and ViT-B 768x768")
     ap.add_argument("--no-cpu", action="store_true", help="modeled and saved-bytes columns only")
     ap.add_argument("--budget", type=float, default=2.0, help="CPU timing budget per row, seconds")
-    ap.add_argument("--out", default="benchmarks/results/gated-lora-cpu")
+    ap.add_argument("--out", default=str(bench.results_dir(None) / "gated-lora-cpu"),
+                    help="path stem of the results (default: pyfastpeft-results/gated-lora-cpu, git-ignored)")
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     loads = [w for w in lora_workloads("cpu", ranks=(16,))
@@ -133,7 +142,9 @@ def main(argv=None) -> int:
         if not a.no_cpu:
             c = cpu_times(w, f, a.budget)
             row.update(cpu_ours_ms=round(c["gated_ms"], 3), cpu_peft_ms=round(c["peft_ms"], 3),
-                       cpu_ours_over_peft=round(c["gated_ms"] / c["peft_ms"], 3), cpu_selected=round(c["selected"], 3))
+                       cpu_ours_over_peft=round(c["gated_ms"] / c["peft_ms"], 3),
+                       cpu_selected=round(c["selected"], 3), cpu_ours_spread=round(c["gated_spread"], 3), cpu_peft_spread=round(c["peft_spread"], 3),
+                       cpu_ours_over_peft_noisy=c["noisy"])
         rows.append(row)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +157,28 @@ def main(argv=None) -> int:
     _plot(rows, out.with_suffix(".png"))
     for r in rows:
         print(json.dumps(r))
+    print(summary(rows))
+    print(f"wrote {out.with_suffix('.json')}, .csv, .png")
     return 0
+
+
+def summary(rows) -> str:
+    """The printed table: modeled ratios, and the CPU ratio with both timings' spreads; a CPU ratio that uses a
+    timing with spread > 20 % is shown ``(x)!`` (footnote)."""
+    body, flagged = [], False
+    for r in rows:
+        cpu = ["", "", ""]
+        if "cpu_ours_over_peft" in r:
+            bad = bool(r.get("cpu_ours_over_peft_noisy"))
+            flagged = flagged or bad
+            cpu = [f"{r['cpu_ours_ms']:.3f} ({timing.spread_text(r.get('cpu_ours_spread'))})",
+                   f"{r['cpu_peft_ms']:.3f} ({timing.spread_text(r.get('cpu_peft_spread'))})",
+                   timing.ratio_text(r["cpu_ours_over_peft"], bad)]
+        body.append([r["workload"], f"{100 * r['fraction']:.0f} %", f"{r['modeled_vs_frozen']:.2f}",
+                     f"{r['modeled_peft_over_ours']:.2f}", *cpu])
+    out = table(["workload", "selected", "modeled ours/frozen", "modeled PEFT/ours", "CPU ours ms (spread)",
+                 "CPU PEFT ms (spread)", "CPU ours/PEFT"], body)
+    return out + ("\n" + timing.FOOTNOTE if flagged else "")
 
 
 def _plot(rows, path: Path) -> None:
@@ -167,8 +199,9 @@ def _plot(rows, path: Path) -> None:
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(1.10, color="r", lw=0.8, ls="--", label="target 1.10x")
     ax.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
+    ax.set_xlabel("workload")
     ax.set_ylabel("modeled H100 fwd+bwd / frozen")
-    ax.set_title("token-selective LoRA, r=16, bf16 (roofline model)")
+    ax.set_title("token-selective LoRA, r=16, bf16 (roofline model): lower is better")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -15,7 +15,9 @@ Per ``docs/performance.md``; one run measures, per workload:
 
     python benchmarks/bench_orthogonal.py [--quick] [--rounds 5] [--json benchmarks/results/orthogonal-cpu.json]
 
-No timing assertions: the numbers are evidence. The modeled numbers are a model, labelled so.
+Every CPU timing keeps its spread ((p80 - p20) / median, ``cpu_spread``); a CPU ratio that uses a timing with
+spread > 20 % is flagged (``<ratio>_noisy``, ``(x)!`` in the printed lines): not a result. Without ``--json``
+nothing is written. No timing assertions: the numbers are evidence. The modeled numbers are a model, labelled so.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pyfastpeft as pfp  # noqa: E402
 from pyfastpeft.tools import perf  # noqa: E402
+from pyfastpeft.tools import timing  # noqa: E402
 from pyfastpeft.tools.timing import time_interleaved  # noqa: E402
 from pyfastpeft.nn import OFTLinear, PSOFTLinear  # noqa: E402
 from pyfastpeft.orthogonal.reference import cayley_ref  # noqa: E402
@@ -45,9 +48,15 @@ CAYLEY_SHAPES = [(128, 32), (64, 64), (16, 128), (1, 256)]
 LAYER_SHAPES = [("llama 4096->4096", 4096, 4096, 8192), ("vit 768->3072", 768, 3072, 64 * 197)]
 
 
-def _median_times(fns: dict, rounds: int) -> dict:
-    """Interleaved rounds (every provider once per round), medians in seconds; one warm-up each."""
-    return {k: t.median for k, t in time_interleaved(fns, warmup=1, min_rounds=rounds, max_rounds=rounds).items()}
+def _timings(fns: dict, rounds: int) -> dict:
+    """Interleaved rounds (every provider once per round), ``{name: Timing}`` in seconds; one warm-up each."""
+    return time_interleaved(fns, warmup=1, min_rounds=rounds, max_rounds=rounds)
+
+
+def _r(value: float, flagged: bool, suffix: str = "") -> str:
+    """A printed CPU ratio: ``1.34x``, or ``(1.34x)!`` when it uses a timing with spread > 20 %."""
+    text = f"{value:.2f}{suffix}"
+    return f"({text}){timing.FLAG}" if flagged else text
 
 
 def _modeled(fn, *args) -> float:
@@ -82,18 +91,24 @@ def cayley_rows(rounds: int) -> list[dict]:
         def step(f):
             return lambda: torch.autograd.grad(f(v), v, gR)
 
-        cpu = _median_times({k: step(f) for k, f in fns.items()}, rounds)
+        tm = _timings({k: step(f) for k, f in fns.items()}, rounds)
+        cpu = {k: t.median for k, t in tm.items()}
         mod = {k: _modeled(f, v) for k, f in fns.items()}
         rows.append(dict(G=G, b=b, cpu_ms={k: t * 1e3 for k, t in cpu.items()},
+                         cpu_spread={k: t.spread for k, t in tm.items()},
                          h100_us={k: t * 1e6 for k, t in mod.items()},
                          exact_speedup_cpu=cpu["linalg.solve"] / cpu["ours-exact"],
+                         exact_speedup_cpu_noisy=tm["linalg.solve"].noisy or tm["ours-exact"].noisy,
                          exact_speedup_h100=mod["linalg.solve"] / mod["ours-exact"],
                          neumann_speedup_cpu=cpu["peft-neumann"] / cpu["ours-neumann"],
+                         neumann_speedup_cpu_noisy=tm["peft-neumann"].noisy or tm["ours-neumann"].noisy,
                          neumann_speedup_h100=mod["peft-neumann"] / mod["ours-neumann"]))
-        print(f"cayley G={G:4d} b={b:3d}  exact: CPU {rows[-1]['exact_speedup_cpu']:.2f}x  "
-              f"H100(model) {rows[-1]['exact_speedup_h100']:.2f}x vs linalg.solve | neumann: CPU "
-              f"{rows[-1]['neumann_speedup_cpu']:.2f}x  H100(model) {rows[-1]['neumann_speedup_h100']:.2f}x vs PEFT",
-              flush=True)
+        r = rows[-1]
+        exact_cpu = _r(r["exact_speedup_cpu"], r["exact_speedup_cpu_noisy"], "x")
+        print(f"cayley G={G:4d} b={b:3d}  exact: CPU {exact_cpu}  "
+              f"H100(model) {r['exact_speedup_h100']:.2f}x vs linalg.solve | neumann: CPU "
+              f"{_r(r['neumann_speedup_cpu'], r['neumann_speedup_cpu_noisy'], 'x')}  H100(model) "
+              f"{r['neumann_speedup_h100']:.2f}x vs PEFT", flush=True)
     return rows
 
 
@@ -172,16 +187,23 @@ def layer_rows(rounds: int, quick: bool) -> list[dict]:
             def step(m, ps):
                 return lambda: torch.autograd.grad(m(xc), ps, g)
 
-            cpu = _median_times({p: step(m, params[p]) for p, m in (("frozen", frozen), ("ours", ours),
-                                                                     ("peft", pl))}, rounds)
+            tm = _timings({p: step(m, params[p]) for p, m in (("frozen", frozen), ("ours", ours), ("peft", pl))},
+                          rounds)
+            cpu = {k: t.median for k, t in tm.items()}
             row["cpu_ms"] = {k: v * 1e3 for k, v in cpu.items()}
+            row["cpu_spread"] = {k: t.spread for k, t in tm.items()}
             row["cpu_ours_over_frozen"] = cpu["ours"] / cpu["frozen"]
+            row["cpu_ours_over_frozen_noisy"] = tm["ours"].noisy or tm["frozen"].noisy
             row["cpu_peft_over_ours"] = cpu["peft"] / cpu["ours"]
+            row["cpu_peft_over_ours_noisy"] = tm["peft"].noisy or tm["ours"].noisy
             rows.append(row)
+            spreads = " / ".join(timing.spread_text(row["cpu_spread"][k]) for k in ("frozen", "ours", "peft"))
             print(f"{sname:17s} {name:20s} saved B/token frozen {sb['frozen']:.0f} ours {sb['ours']:.0f} "
                   f"peft {sb['peft']:.0f} | H100(model) ours/frozen {row['h100_ours_over_frozen']:.3f} "
-                  f"peft/ours {row['h100_peft_over_ours']:.2f} | CPU ours/frozen {row['cpu_ours_over_frozen']:.2f} "
-                  f"peft/ours {row['cpu_peft_over_ours']:.2f}  ({time.perf_counter() - t0:.1f}s)", flush=True)
+                  f"peft/ours {row['h100_peft_over_ours']:.2f} | CPU ours/frozen "
+                  f"{_r(row['cpu_ours_over_frozen'], row['cpu_ours_over_frozen_noisy'])} "
+                  f"peft/ours {_r(row['cpu_peft_over_ours'], row['cpu_peft_over_ours_noisy'])} "
+                  f"(spread {spreads})  ({time.perf_counter() - t0:.1f}s)", flush=True)
     return rows
 
 
@@ -206,6 +228,8 @@ def main(argv=None):
                note="h100_* are a roofline MODEL (pfp.perf.roofline), not measurements; cpu_* are medians")
     out["cayley"] = cayley_rows(a.rounds)
     out["layers"] = layer_rows(max(3, a.rounds // 2), a.quick)
+    if any(r.get(k) for r in out["cayley"] + out["layers"] for k in r if k.endswith("_noisy")):
+        print(timing.FOOTNOTE)
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:

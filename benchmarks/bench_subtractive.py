@@ -18,7 +18,10 @@
     python benchmarks/bench_subtractive.py            # all rows (a few minutes on 2 cores)
     python benchmarks/bench_subtractive.py --quick    # the n = 1e5 / 16 rows only
 
-Writes ``benchmarks/results/subtractive-<host>.json`` and prints markdown tables. No timing assertions.
+Writes ``pyfastpeft-results/subtractive-cpu.json`` (git-ignored; ``--out`` names another file, e.g. the committed
+``benchmarks/results/subtractive-cpu.json`` on purpose) and prints markdown tables. Every CPU timing keeps its
+spread ((p80 - p20) / median); a timing over 20 % is marked ``!`` and a ratio that uses one ``(x)!``: not a
+result. No timing assertions.
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ import torch
 import pyfastpeft as pfp
 from pyfastpeft.tools import perf
 from pyfastpeft.core.table import table
+from pyfastpeft.tools import timing
+from pyfastpeft.tools.bench import results_dir
 from pyfastpeft.tools.timing import time_interleaved
 from pyfastpeft.nn import FilterBlock
 from pyfastpeft.subtractive.gram_accumulate import gram_accumulate
@@ -99,14 +104,16 @@ def bench_fit_cpu(n: int, d: int, reps: int) -> list[dict]:
     for name in PROVIDERS:
         t, p20, p80, _ = times.get(name, (float("nan"),) * 4)
         rows.append(dict(section="fit-cpu", provider=name, n=n, d_in=d, d_out=d, dtype="fp32", ms_p50=t * 1e3,
-                         ms_p20=p20 * 1e3, ms_p80=p80 * 1e3, rows_per_s=n / t, max_rel_err=errs[name],
+                         ms_p20=p20 * 1e3, ms_p80=p80 * 1e3, spread=timing.spread(t, p20, p80),
+                         noisy=timing.noisy(t, p20, p80), rows_per_s=n / t, max_rel_err=errs[name],
                          gate=name in gated))
         print(f"  fit-cpu n={n} d={d} {name:<17} {t * 1e3:9.1f} ms  {n / t:12,.0f} rows/s  rel err {errs[name]:.1e}",
               flush=True)
     # the solve, once per module: (d+1)^3 Cholesky in fp64
     A = G0 + 1e-4 * torch.trace(G0) / G0.shape[0] * torch.eye(G0.shape[0], dtype=torch.float64)
-    t = _timed({"solve": lambda: torch.cholesky_solve(C0, torch.linalg.cholesky(A))}, reps)["solve"].median
-    rows.append(dict(section="solve-cpu", provider="fp64 cholesky", n=n, d_in=d, d_out=d, ms_p50=t * 1e3))
+    ts = _timed({"solve": lambda: torch.cholesky_solve(C0, torch.linalg.cholesky(A))}, reps)["solve"]
+    rows.append(dict(section="solve-cpu", provider="fp64 cholesky", n=n, d_in=d, d_out=d, ms_p50=ts.median * 1e3,
+                     ms_p20=ts.p20 * 1e3, ms_p80=ts.p80 * 1e3, spread=ts.spread, noisy=ts.noisy))
     return rows
 
 
@@ -149,7 +156,8 @@ def bench_vit_block(reps: int) -> list[dict]:
         rl = perf.roofline(cnt)
         params = sum(p.numel() for p in blk.parameters())
         rows.append(dict(section="vit-block", provider=name, tokens_cpu=x.shape[0] * 197, ms_p50_cpu=t * 1e3,
-                         ms_p20_cpu=p20 * 1e3, ms_p80_cpu=p80 * 1e3, tokens_h100=64 * 197,
+                         ms_p20_cpu=p20 * 1e3, ms_p80_cpu=p80 * 1e3, spread_cpu=timing.spread(t, p20, p80),
+                         noisy_cpu=timing.noisy(t, p20, p80), tokens_h100=64 * 197,
                          modeled_us_h100=rl.total_s * 1e6, flops_h100=cnt.flops, bytes_h100=cnt.bytes,
                          launches_h100=cnt.launches, params=params))
         print(f"  vit-block {name:<42} cpu {t * 1e3:8.2f} ms   modeled H100 {rl.total_s * 1e6:8.1f} us  "
@@ -172,11 +180,14 @@ def bench_fit_end_to_end(reps: int) -> list[dict]:
     rep = run()
     t, p20, p80, _ = _timed({"fit": run}, reps, warmup=0)["fit"]
     with torch.no_grad():  # the block's forward alone, for the share of the fit that is the model's
-        tf = _timed({"forward": lambda: [base(b) for b in data]}, reps, warmup=0)["forward"].median
+        tfw = _timed({"forward": lambda: [base(b) for b in data]}, reps, warmup=0)["forward"]
+    tf = tfw.median
     print(f"  fit-e2e ViT-B block mlp, {rows_n} rows: {t * 1e3:.0f} ms ({rows_n / t:,.0f} rows/s; forward alone "
           f"{tf * 1e3:.0f} ms), fit error {rep[0].fit_error:.3f}", flush=True)
     return [dict(section="fit-e2e", provider="pfp.subtractive.fit (torch backend)", n=rows_n, d_in=768, d_out=768,
-                 ms_p50=t * 1e3, ms_p20=p20 * 1e3, ms_p80=p80 * 1e3, rows_per_s=rows_n / t, forward_ms=tf * 1e3,
+                 ms_p50=t * 1e3, ms_p20=p20 * 1e3, ms_p80=p80 * 1e3, spread=timing.spread(t, p20, p80),
+                 noisy=timing.noisy(t, p20, p80), forward_noisy=tfw.noisy, rows_per_s=rows_n / t,
+                 forward_ms=tf * 1e3,
                  fit_error=rep[0].fit_error, params_before=rep[0].params_before, params_after=rep[0].params_after)]
 
 
@@ -199,18 +210,31 @@ def _meta() -> dict:
 def markdown(rows: list[dict]) -> str:
     fit = [r for r in rows if r["section"] == "fit-cpu"]
     body = []
+    flagged = False
+
+    def cell(text: str, r: dict, spread_key: str = "spread", noisy_key: str = "noisy") -> str:
+        """A measured CPU value with its spread; ``!`` over 20 % (not a result)."""
+        nonlocal flagged
+        flagged = flagged or bool(r.get(noisy_key))
+        return f"{text} ({timing.spread_text(r.get(spread_key))})"
+
     for (n, d) in sorted({(r["n"], r["d_in"]) for r in fit}, key=lambda t: (t[1], t[0])):
         by = {r["provider"]: r for r in fit if (r["n"], r["d_in"]) == (n, d)}
         solve = next(r for r in rows if r["section"] == "solve-cpu" and (r["n"], r["d_in"]) == (n, d))
-        body.append([d, f"{n:,}", *(f"{by[p]['rows_per_s']:,.0f}" for p in PROVIDERS), f"{solve['ms_p50']:.1f}"])
-    out = ["Fit accumulation, CPU measured (fp32 activations, 4096-row batches, d_in = d_out = d; median):", "",
+        body.append([d, f"{n:,}", *(cell(f"{by[p]['rows_per_s']:,.0f}", by[p]) for p in PROVIDERS),
+                     cell(f"{solve['ms_p50']:.1f}", solve)])
+    out = ["Fit accumulation, CPU measured (fp32 activations, 4096-row batches, d_in = d_out = d; median, with the "
+           "spread (p80 - p20) / median):", "",
            table(["d", "rows", "pyfastpeft-torch rows/s", "naive fp64 rows/s", "naive fp32 rows/s", "fp64 solve (ms)"],
                  body, markdown=True)]
     for r in (r for r in rows if r["section"] == "fit-e2e"):
+        flagged = flagged or bool(r.get("noisy")) or bool(r.get("forward_noisy"))
         out += ["", f"End to end, `pfp.subtractive.fit` of one ViT-B block's MLP on {r['n']:,} token rows (CPU, fp32): "
-                f"{r['ms_p50']:.0f} ms = {r['rows_per_s']:,.0f} rows/s, of which the block's own forward "
-                f"{r['forward_ms']:.0f} ms; calibration fit error {r['fit_error']:.3f} (random init); parameters "
-                f"{r['params_before']:,} -> {r['params_after']:,}."]
+                f"{r['ms_p50']:.0f} ms (spread {timing.spread_text(r.get('spread'))}) = "
+                f"{r['rows_per_s']:,.0f} rows/s, "
+                f"of which the block's own forward {r['forward_ms']:.0f} ms"
+                f"{' ' + timing.FLAG if r.get('forward_noisy') else ''}; calibration fit error {r['fit_error']:.3f} "
+                f"(random init); parameters {r['params_before']:,} -> {r['params_after']:,}."]
     body = [[r["d_in"], f"{r['n']:,}", r["dtype"], f"{r['modeled_us']:.0f}", f"{r['bandwidth_bound_us']:.0f}",
              f"{r['compute_bound_us']:.0f}", f"{r['fraction_of_bandwidth_bound']:.2f}",
              f"{r['modeled_rows_per_s']:.3g}"] for r in rows if r["section"] == "fit-h100-model"]
@@ -219,16 +243,20 @@ def markdown(rows: list[dict]) -> str:
                    "bound / modeled", "modeled rows/s"], body, markdown=True)]
     vit = [r for r in rows if r["section"] == "vit-block"]
     if vit:
-        body = [[r["provider"], f"{r['params']:,}", f"{r['ms_p50_cpu']:.2f}", f"{r['modeled_us_h100']:.1f}",
-                 f"{r['flops_h100'] / 1e9:.1f}"] for r in vit]
+        body = [[r["provider"], f"{r['params']:,}", cell(f"{r['ms_p50_cpu']:.2f}", r, "spread_cpu", "noisy_cpu"),
+                 f"{r['modeled_us_h100']:.1f}", f"{r['flops_h100'] / 1e9:.1f}"] for r in vit]
         for a, b, what in ((vit[0], vit[1], "block"), (vit[2], vit[3], "MLP alone")):
+            bad = bool(a.get("noisy_cpu")) or bool(b.get("noisy_cpu"))
+            flagged = flagged or bad
             body.append([f"ratio, {what} (filter / MLP)", f"{b['params'] / a['params']:.2f}",
-                         f"{b['ms_p50_cpu'] / a['ms_p50_cpu']:.2f}",
+                         timing.ratio_text(b["ms_p50_cpu"] / a["ms_p50_cpu"], bad),
                          f"{b['modeled_us_h100'] / a['modeled_us_h100']:.2f}",
                          f"{b['flops_h100'] / a['flops_h100']:.2f}"])
         out += ["", "ViT-B/16 block forward, MLP vs filter block (CPU fp32 measured at 4 x 197 tokens; H100 bf16 "
                 "**modeled** at 64 x 197):", "",
-                table(["block", "params", "CPU ms", "modeled H100 us", "H100 GFLOP"], body, markdown=True)]
+                table(["block", "params", "CPU ms (spread)", "modeled H100 us", "H100 GFLOP"], body, markdown=True)]
+    if flagged:
+        out += ["", timing.FOOTNOTE]
     return "\n".join(out)
 
 
@@ -236,7 +264,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="only n = 1e5 / 16 rows")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/subtractive-cpu.json)")
+    ap.add_argument("--out", default=None,
+                    help="results JSON (default pyfastpeft-results/subtractive-cpu.json, git-ignored; name "
+                         "benchmarks/results/subtractive-cpu.json to update the committed file)")
     args = ap.parse_args(argv)
     rows = []
     ns = FULL_ROWS[:1] if args.quick else FULL_ROWS
@@ -250,7 +280,8 @@ def main(argv=None) -> int:
     rows += bench_fit_end_to_end(args.reps)
     rows += bench_vit_block(max(args.reps, 5))
     res = dict(meta=_meta(), rows=rows)
-    path = args.out or os.path.join(os.path.dirname(__file__), "results", "subtractive-cpu.json")
+    path = args.out or str(results_dir(None) / "subtractive-cpu.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
     print(markdown(rows))

@@ -17,6 +17,11 @@ them from here), the providers, the correctness gate, the timers, the results fi
 * Timer: CUDA: ``triton.testing.do_bench(quantiles=(0.5, 0.2, 0.8))`` (L2 flushed); CPU:
   :func:`pyfastpeft.tools.timing.time_interleaved` (warm-up, then rounds that run every provider once in
   rotating order; median / p20 / p80 of the per-call times).
+* Spread: every timing carries ``spread = (p80 - p20) / median``; a row over 20 % is flagged ``!`` (not a
+  result) in the tables and hatched in the plot, and a ratio that uses a flagged row is flagged too
+  (:mod:`pyfastpeft.tools.timing`).
+* Output: ``./pyfastpeft-results/`` (:data:`DEFAULT_OUT_DIR`, git-ignored) unless ``--out`` names a folder, so
+  the committed ``benchmarks/results/`` files change only on purpose (``--out benchmarks/results``).
 * Modeled columns (labelled as models): bytes saved for backward per token
   (``pyfastpeft.tools.perf.saved_bytes``) and modeled H100 fwd+bwd time in bf16 at the GPU shape
   (``pyfastpeft.tools.perf.count`` + ``roofline``).
@@ -42,6 +47,7 @@ import torch.nn.functional as F
 from pyfastpeft import testing
 from pyfastpeft.tools.check import DTYPE_NAMES
 from pyfastpeft.core.table import table
+from pyfastpeft.tools import timing as _timing
 from pyfastpeft.tools.timing import time_interleaved
 
 # ----------------------------------------------------------------------------------------------------
@@ -602,7 +608,9 @@ COLUMNS = ["op", "provider", "mode", "dtype", "M", "K", "N", "R", "extra_json", 
            "timestamp",
            # beyond STYLE's schema: which workload, the verdict, ratios, and the modeled columns
            "workload", "device_name", "status", "ratio_to_frozen", "ratio_to_peft", "saved_bytes_per_token",
-           "modeled_h100_ms"]
+           "modeled_h100_ms",
+           # the spread rule (pyfastpeft.tools.timing): (p80 - p20) / median, and the flags it sets
+           "spread", "noisy", "ratio_to_frozen_noisy", "ratio_to_peft_noisy"]
 
 
 @dataclass
@@ -659,7 +667,8 @@ def run(cfg: BenchConfig) -> dict:
         r = dict(base, op=OP, provider=prov, mode=mode, dtype=dname, M=w.M, K=w.K, N=w.N, R=w.R,
                  workload=w.name, status=status, extra_json=json.dumps(extra, sort_keys=True),
                  ms_p50=None, ms_p20=None, ms_p80=None, peak_mb=peak, tflops=None, gbps=None,
-                 ratio_to_frozen=None, ratio_to_peft=None, saved_bytes_per_token=None, modeled_h100_ms=None)
+                 ratio_to_frozen=None, ratio_to_peft=None, saved_bytes_per_token=None, modeled_h100_ms=None,
+                 spread=None, noisy=None, ratio_to_frozen_noisy=None, ratio_to_peft_noisy=None)
         if q is not None:
             r["ms_p50"], r["ms_p20"], r["ms_p80"] = q
             kind = "frozen" if prov == "frozen" else "lora"
@@ -751,16 +760,79 @@ def _ratios(rows: list[dict]) -> None:
         fz, pf = by.get(("frozen", r["mode"])), by.get(("peft", r["mode"]))
         r["ratio_to_frozen"] = r["ms_p50"] / fz if fz else None
         r["ratio_to_peft"] = r["ms_p50"] / pf if pf else None
+    annotate(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the spread rule (pyfastpeft.tools.timing): a row over 20 % is not a result, nor is a ratio that uses it
+# ----------------------------------------------------------------------------------------------------
+def _num(v: Any) -> Optional[float]:
+    try:
+        return None if v is None or v == "" else float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def row_spread(r: dict) -> Optional[float]:
+    """``(ms_p80 - ms_p20) / ms_p50`` of a result row (None without a timing)."""
+    return _timing.spread(_num(r.get("ms_p50")), _num(r.get("ms_p20")), _num(r.get("ms_p80")))
+
+
+def row_noisy(r: dict) -> bool:
+    """The row's spread exceeds :data:`pyfastpeft.tools.timing.SPREAD_LIMIT`."""
+    s = row_spread(r)
+    return s is not None and s > _timing.SPREAD_LIMIT
+
+
+def annotate(rows: Sequence[dict]) -> Sequence[dict]:
+    """Set ``spread``, ``noisy``, ``ratio_to_frozen_noisy`` and ``ratio_to_peft_noisy`` on every timed row, from
+    its own timings and those of the frozen / peft row of the same workload and mode (recomputed, so rows
+    read back from any results file get the same flags). Returns ``rows``."""
+    base: dict[tuple, dict] = {}
+    key = lambda r: (r.get("op"), r.get("workload"), r.get("M"), r.get("dtype"), r.get("mode"))  # noqa: E731
+    for r in rows:
+        if r.get("provider") in ("frozen", "peft") and _num(r.get("ms_p50")) is not None:
+            base[(*key(r), r["provider"])] = r
+    for r in rows:
+        if _num(r.get("ms_p50")) is None:
+            continue
+        r["spread"] = row_spread(r)
+        r["noisy"] = row_noisy(r)
+        for b in ("frozen", "peft"):
+            if _num(r.get(f"ratio_to_{b}")) is None:
+                r[f"ratio_to_{b}_noisy"] = None
+                continue
+            other = base.get((*key(r), b))
+            r[f"ratio_to_{b}_noisy"] = r["noisy"] or (other is not None and row_noisy(other))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
 # files
 # ----------------------------------------------------------------------------------------------------
+#: Where ``pyfastpeft bench`` / ``demo`` / ``bench --report`` write unless ``--out`` names a folder: relative to the
+#: working directory and git-ignored, so running the README's commands never rewrites the committed
+#: ``benchmarks/results/`` files (pass ``--out benchmarks/results`` to update those on purpose).
+DEFAULT_OUT_DIR = Path("pyfastpeft-results")
+#: The committed results folder (read by ``bench --report`` by default; written only when ``--out`` names it).
+COMMITTED_RESULTS_DIR = Path("benchmarks") / "results"
+
+
+def results_dir(out: Optional[str | Path] = None) -> Path:
+    """The folder results go to: ``out`` when given, else :data:`DEFAULT_OUT_DIR`."""
+    return Path(out) if out else DEFAULT_OUT_DIR
+
+
+def result_paths(out_dir: Path, stem: str) -> dict[str, Path]:
+    """``{"json", "csv", "png"}`` paths :func:`write_results` writes for ``stem`` in ``out_dir``."""
+    return {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "csv", "png")}
+
+
 def write_results(result: dict, out_dir: Path, stem: str) -> dict[str, Optional[Path]]:
     """``<stem>.json`` (rows + metadata), ``<stem>.csv`` (COLUMNS) and ``<stem>.png`` (when matplotlib is
     installed). Returns the paths (PNG: None when not written; ``result["notes"]`` says why)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    jpath, cpath, ppath = out_dir / f"{stem}.json", out_dir / f"{stem}.csv", out_dir / f"{stem}.png"
+    jpath, cpath, ppath = result_paths(out_dir, stem).values()
     with open(jpath, "w") as f:
         json.dump(result, f, indent=1, default=str)
     write_csv(result["rows"], cpath)
@@ -807,15 +879,34 @@ def _parse(v: str) -> Any:
         return v
 
 
+NOISY_HATCH = "///"  # a bar whose timing (or the frozen timing it is divided by) has spread > 20 %
+
+
 def plot(rows: Sequence[dict], path: Path, title: str = "", mode: str = "fwd+bwd") -> Optional[str]:
-    """Two panels: per workload, grouped bars of the ``mode`` time ratio to frozen per provider; and
-    bytes saved for backward per token per provider. Returns None, or why no PNG was written."""
+    """Write :func:`figure` to ``path``. Returns None, or why no PNG was written."""
+    from pyfastpeft.tools import figures
+
+    return figures.save(figure(rows, title=title, mode=mode), path, dpi=110)
+
+
+def figure(rows: Sequence[dict], title: str = "", mode: str = "fwd+bwd") -> Any:
+    """The bench figure (headless, Agg), or a string saying why there is none. Panels, each with its own
+    axis and a title saying which way is better (all lower-is-better):
+
+    1. per workload, grouped bars of the measured ``mode`` median time / frozen per provider, whiskers from
+       p20 to p80 (over the frozen median); a bar whose ratio uses a timing with spread > 20 % is hatched and
+       faded, labelled ``(x)!``, and the legend says it is not a result;
+    2. bytes saved for backward per token per code path (counted);
+    3. the modeled H100 fwd+bwd time / frozen (when the rows carry it).
+    """
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except Exception as e:  # noqa: BLE001
         return f"no PNG: matplotlib not importable ({type(e).__name__}: {e})"
+    rows = annotate([dict(r) for r in rows])
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     timed = [r for r in rows if r.get("mode") == mode and r.get("ratio_to_frozen") is not None]
     providers = list(dict.fromkeys(r["provider"] for r in timed))
@@ -826,59 +917,93 @@ def plot(rows: Sequence[dict], path: Path, title: str = "", mode: str = "fwd+bwd
     width_in = max(7.0, 0.35 * len(workloads) * max(1, len(providers)) + 3)
     mt = [e for e in model_table(rows) if e.get("modeled_x_frozen") is not None]
     mt_prov = [p for p in PATHS if any(e["path"] == p for e in mt)]
-    fig, axes = plt.subplots(3 if mt else 2, 1, figsize=(width_in, 13.0 if mt else 9.0))
+    fig, axes = plt.subplots(3 if mt else 2, 1, figsize=(width_in, 14.0 if mt else 9.5))
     cmap = plt.get_cmap("tab10")
     colors = {p: cmap(i % 10) for i, p in enumerate(dict.fromkeys(providers + sb_prov + mt_prov))}
     ours = [p for p in providers if p.startswith("pyfastpeft-")]
     if ours and "pyfastpeft" in colors:
         colors["pyfastpeft"] = colors[ours[0]]  # the saved-bytes bar shares the first backend's colour
 
-    def bars(ax, provs, value, ylabel, empty_msg, fmt, labels=None):
+    def bars(ax, provs, value, ylabel, titletext, empty_msg, fmt, labels=None, flag=None, err=None):
         if not provs:
             ax.text(0.5, 0.5, empty_msg, ha="center", va="center", transform=ax.transAxes)
             ax.set_axis_off()
             return
         width = 0.8 / len(provs)
         top = 0.0
+        any_flag = False
         for i, p in enumerate(provs):
             ys = [value(wl, p) for wl in workloads]
             xs = [j + (i - (len(provs) - 1) / 2) * width for j in range(len(workloads))]
-            keep = [(x, y) for x, y in zip(xs, ys) if y is not None]
+            keep = [(x, y, wl) for x, y, wl in zip(xs, ys, workloads) if y is not None]
             if not keep:
                 continue
-            cont = ax.bar([x for x, _ in keep], [y for _, y in keep], width, label=(labels or {}).get(p, p),
+            bad = [bool(flag(wl, p)) if flag else False for _, _, wl in keep]
+            cont = ax.bar([x for x, _, _ in keep], [y for _, y, _ in keep], width, label=(labels or {}).get(p, p),
                           color=colors[p])
-            if len(workloads) * len(provs) <= 40:
-                ax.bar_label(cont, fmt=fmt, fontsize=7, padding=1)
-            top = max(top, max(y for _, y in keep))
+            for patch, b in zip(cont.patches, bad):
+                if b:  # spread > 20 %: faded and hatched, never a plain bar
+                    patch.set_hatch(NOISY_HATCH)
+                    patch.set_alpha(0.35)
+                    patch.set_edgecolor("dimgray")
+            any_flag = any_flag or any(bad)
+            lohi = [err(wl, p) for _, _, wl in keep] if err is not None else [None] * len(keep)
+            if any(e is not None for e in lohi):
+                yl = [max(y - (e[0] if e else y), 0.0) for (_, y, _), e in zip(keep, lohi)]
+                yh = [max((e[1] if e else y) - y, 0.0) for (_, y, _), e in zip(keep, lohi)]
+                ax.errorbar([x for x, _, _ in keep], [y for _, y, _ in keep], yerr=[yl, yh], fmt="none",
+                            ecolor="black", elinewidth=0.8, capsize=2)
+                top = max(top, max((e[1] for e in lohi if e), default=0.0))
+            if len(workloads) * len(provs) <= 40:  # value labels above the bar, or above its whisker
+                for (x, y, _), b, e in zip(keep, bad, lohi):
+                    text = f"({format(y, fmt[1:])}){_timing.FLAG}" if b else format(y, fmt[1:])
+                    ax.annotate(text, (x, max(y, e[1]) if e else y), xytext=(0, 2), textcoords="offset points",
+                                ha="center", va="bottom", fontsize=7)
+            top = max(top, max(y for _, y, _ in keep))
         ax.set_xticks(range(len(workloads)))
         ax.set_xticklabels(workloads, rotation=30 if len(workloads) > 1 else 0, ha="right" if len(workloads) > 1
                            else "center", fontsize=8)
+        ax.set_xlabel("workload")
         ax.set_ylabel(ylabel)
-        ax.set_ylim(0, top * 1.3 if top > 0 else 1.0)
-        ax.legend(fontsize=8, ncol=min(5, len(provs)), loc="upper center")
+        ax.set_title(titletext, fontsize=10)
+        handles, names = ax.get_legend_handles_labels()
+        if any_flag:
+            handles.append(Patch(facecolor="lightgray", edgecolor="dimgray", hatch=NOISY_HATCH, label=_timing.LEGEND))
+            names.append(_timing.LEGEND)
+        ncol = min(4 if width_in < 9 else 6, len(handles))
+        legend_rows = -(-len(handles) // max(1, ncol))
+        ax.set_ylim(0, top * (1.2 + 0.12 * legend_rows) if top > 0 else 1.0)  # room for the legend
+        ax.legend(handles, names, fontsize=8, ncol=ncol, loc="upper center")
         ax.grid(axis="y", alpha=0.3)
 
-    tmap = {(r["workload"], r["provider"]): r["ratio_to_frozen"] for r in timed}
-    bars(axes[0], providers, lambda wl, p: tmap.get((wl, p)), f"{mode} time / frozen (measured, median)",
-         f"no {mode} timings", "%.2f")
+    tmap = {(r["workload"], r["provider"]): r for r in timed}
+    fz = {r["workload"]: _num(r.get("ms_p50")) for r in timed if r["provider"] == "frozen"}
+
+    def whisker(wl, p):
+        r, base = tmap.get((wl, p)), fz.get(wl)
+        lo, hi = (_num(r.get("ms_p20")), _num(r.get("ms_p80"))) if r else (None, None)
+        return (lo / base, hi / base) if base and lo is not None and hi is not None else None
+
+    bars(axes[0], providers, lambda wl, p: _num(tmap[(wl, p)]["ratio_to_frozen"]) if (wl, p) in tmap else None,
+         f"{mode} time / frozen\n(measured median; whiskers p20-p80)",
+         f"measured {mode} time / frozen layer: lower is better", f"no {mode} timings", "%.2f",
+         flag=lambda wl, p: (tmap.get((wl, p)) or {}).get("ratio_to_frozen_noisy"), err=whisker)
     if providers:
         axes[0].axhline(1.0, color="k", lw=0.8, ls="--")
     smap = {(r["workload"], r["provider"]): r["saved_bytes_per_token"] for r in sb}
-    bars(axes[1], sb_prov, lambda wl, p: smap.get((wl, p)), "bytes saved for backward / token (counted, bf16)",
+    bars(axes[1], sb_prov, lambda wl, p: smap.get((wl, p)), "bytes / token (counted, bf16)",
+         "bytes saved for backward per token: lower is better",
          "no saved-bytes counts (pyfastpeft.tools.perf unavailable)", "%.0f")
     if mt:
         mmap = {(e["workload"], e["path"]): e["modeled_x_frozen"] for e in mt}
-        bars(axes[2], mt_prov, lambda wl, p: mmap.get((wl, p)),
-             "MODELED H100 fwd+bwd / frozen\n(roofline, bf16, GPU shape)", "", "%.2f",
+        bars(axes[2], mt_prov, lambda wl, p: mmap.get((wl, p)), "MODELED fwd+bwd / frozen\n(roofline, bf16, GPU shape)",
+             "MODELED H100 fwd+bwd time / frozen layer (not a measurement): lower is better", "", "%.2f",
              labels={"pyfastpeft": "pyfastpeft (triton path)"})
         axes[2].axhline(1.0, color="k", lw=0.8, ls="--")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -929,21 +1054,34 @@ def _f(v: Any, fmt: str) -> str:
 
 
 def summary_table(rows: Sequence[dict]) -> str:
-    """Timed rows per workload and mode (providers in run order), then one line per provider that has
-    no timing (skipped or failed), whatever the number of modes."""
+    """Timed rows per workload and mode (providers in run order): median ms with p20-p80 and the spread, a
+    ``!`` on a row whose spread exceeds 20 % and ``(x)!`` on a ratio that uses such a row (footnote under
+    the table); then one line per provider that has no timing (skipped or failed), whatever the number of
+    modes."""
+    rows = annotate([dict(r) for r in rows])
     body = []
+    flagged = False
     for wl in dict.fromkeys(r["workload"] for r in rows):
         wr = [r for r in rows if r["workload"] == wl]
         for mode in dict.fromkeys(r["mode"] for r in wr):
             for r in wr:
                 if r["mode"] != mode or r["ms_p50"] is None:
                     continue
-                body.append([wl, f"M{r['M']}", mode, r["provider"], _f(r["ms_p50"], ".3f"),
+                bad = bool(r.get("noisy"))
+                flagged = flagged or bad or bool(r.get("ratio_to_frozen_noisy")) or bool(r.get("ratio_to_peft_noisy"))
+                pad = "  "  # plain cells padded as wide as " !" / ")!", so the numbers stay aligned
+                rf, rp = bool(r.get("ratio_to_frozen_noisy")), bool(r.get("ratio_to_peft_noisy"))
+                body.append([wl, f"M{r['M']}", mode, r["provider"],
+                             _f(r["ms_p50"], ".3f") + (f" {_timing.FLAG}" if bad else pad),
                              f"{_f(r['ms_p20'], '.3f')}-{_f(r['ms_p80'], '.3f')}",
-                             _f(r["ratio_to_frozen"], ".2f"), _f(r["ratio_to_peft"], ".2f"), ""])
+                             _timing.spread_text(r.get("spread")) + ("" if bad else pad),
+                             _timing.ratio_text(_num(r["ratio_to_frozen"]), rf) + ("" if rf else pad),
+                             _timing.ratio_text(_num(r["ratio_to_peft"]), rp) + ("" if rp else pad), ""])
         seen = set()
         for r in wr:
             if r["ms_p50"] is None and r["provider"] not in seen:
                 seen.add(r["provider"])
-                body.append([wl, f"M{r['M']}", "-", r["provider"], "", "", "", "", r["status"][:110]])
-    return table(["workload", "M", "mode", "provider", "ms p50", "p20-p80", "x frozen", "x peft", "note"], body)
+                body.append([wl, f"M{r['M']}", "-", r["provider"], "", "", "", "", "", r["status"][:110]])
+    out = table(["workload", "M", "mode", "provider", "ms p50", "p20-p80", "spread", "x frozen", "x peft", "note"],
+                body, align="<<<<>>>>><")
+    return out + ("\n" + _timing.FOOTNOTE if flagged else "")

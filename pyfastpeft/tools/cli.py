@@ -5,6 +5,9 @@ reference; exit code 1 on any failure), ``bench`` (the workloads of ``docs/perfo
 JSON/CSV and a PNG; ``--report`` turns results files into a markdown report), ``demo`` (tiny ViT and
 Llama fine-tuned with each method vs PEFT), ``compile-report`` (ahead-of-time compile of the Triton
 kernels; delegated to ``pyfastpeft.tools.compile_report``).
+
+``bench``, ``demo`` and ``bench --report`` write into ``./pyfastpeft-results/`` (git-ignored) unless ``--out`` /
+``--report-out`` name another place, so the committed ``benchmarks/results/`` change only on purpose.
 """
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ import os
 import platform
 import subprocess
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -173,10 +175,10 @@ def cmd_check(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.report:  # no benchmark runs: the results files become a markdown report + plots
         from pyfastpeft.tools import report
-        return report.main(args.out or str(Path("benchmarks") / "results"), args.report_out,
-                           with_plots=not args.no_plots)
+        return report.main(args.out, args.report_out, with_plots=not args.no_plots)
     from pyfastpeft.tools import bench
     from pyfastpeft.tools.check import DTYPES
+    from pyfastpeft.tools.timing import SPREAD_LIMIT
     err = _device_or_error(args.device)
     if err:
         print(f"pyfastpeft bench: {err}", file=sys.stderr)
@@ -207,7 +209,7 @@ def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
             print(f"pyfastpeft bench: --filter {args.filter!r} matches no workload", file=sys.stderr)
             return 2
         tag += "-" + bench.sanitize(args.filter)
-    out_dir = Path(args.out) if args.out else Path("benchmarks") / "results"
+    out_dir = bench.results_dir(args.out)  # ./pyfastpeft-results/ (git-ignored) unless --out names a folder
     budget = args.budget if args.budget is not None else (0.05 if args.tiny else (0.5 if args.quick else 1.5))
     cfg = bench.BenchConfig(device=device, dtype=dtype, workloads=workloads, providers=providers, modes=modes,
                             progress=not args.no_progress, budget_s=budget,
@@ -227,10 +229,14 @@ def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print("notes:")
         for n in notes:
             print(f"  {n}")
-    print(f"timer: {result['metadata']['timer']}; ratios are medians of this run")
+    print(f"timer: {result['metadata']['timer']}; ratios are medians of this run; a timing whose spread "
+          f"(p80 - p20) / median exceeds {100 * SPREAD_LIMIT:.0f} % is flagged and is not a result")
     for kind, p in paths.items():
         if p is not None:
             print(f"wrote {p}")
+    if not args.out:
+        print(f"results are in {out_dir}/ (untracked, git-ignored); the committed {bench.COMMITTED_RESULTS_DIR}/ "
+              f"files change only with --out {bench.COMMITTED_RESULTS_DIR}")
     failed = [r for r in result["rows"] if r["status"].startswith("FAILED")]
     return 1 if failed else 0
 
@@ -266,13 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list (default: frozen, pyfastpeft-<each backend>, peft, ref-eager, ref-compile)")
     b.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="default: bf16 on cuda, fp32 on cpu")
-    b.add_argument("--out", default=None, help="results directory (default: benchmarks/results)")
+    b.add_argument("--out", default=None,
+                   help="results directory (default: ./pyfastpeft-results, git-ignored; pass benchmarks/results to "
+                        "update the committed results on purpose). With --report: the results to read "
+                        "(default: benchmarks/results)")
     b.add_argument("--budget", type=float, default=None, help=argparse.SUPPRESS)  # CPU seconds per group
     b.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--report", action="store_true",
                    help="run nothing: turn the results files (--out dir) into a markdown report and plots")
-    b.add_argument("--report-out", default=None, help="report path (default: <results dir>/REPORT.md)")
+    b.add_argument("--report-out", default=None,
+                   help="report path (default: <--out dir>/REPORT.md when --out is given, else "
+                        "./pyfastpeft-results/REPORT.md); the PNGs go beside it")
     b.add_argument("--no-plots", action="store_true", help="--report without PNGs")
 
     d = sub.add_parser("demo", help="fine-tune a tiny ViT and Llama with each method (synthetic data, vs PEFT)")

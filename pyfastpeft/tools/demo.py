@@ -9,7 +9,8 @@ copy of the same base model and data. Reported per run: first and last loss, med
 for backward in one training forward (``pfp.perf.saved_bytes``: the whole model's activations).
 
 Writes ``demo.json`` (rows, loss curves, metadata and the command), ``demo.csv`` and ``demo.png`` into the
-output directory. ``--quick`` is the small setting a test runs (well under a minute on a small CPU).
+output directory (``--out``; default ``./pyfastpeft-results/demo``, git-ignored). ``--quick`` is the small
+setting a test runs (well under a minute on a small CPU).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pyfastpeft.core.table import table
-from pyfastpeft.tools.timing import time_interleaved
+from pyfastpeft.tools.timing import FLAG, FOOTNOTE, LEGEND, noisy, ratio_text, spread, spread_text, time_interleaved
 
 MODELS = ("vit", "llama")
 VOCAB = 128
@@ -52,6 +53,8 @@ class Run:
     impl: str  # "pyfastpeft" or "peft"
     losses: list = field(default_factory=list)
     step_ms: Optional[float] = None
+    step_ms_p20: Optional[float] = None
+    step_ms_p80: Optional[float] = None
     trainable: Optional[int] = None
     saved_bytes: Optional[int] = None
     note: str = ""
@@ -61,6 +64,7 @@ class Run:
         return {"model": self.model, "method": self.method, "impl": self.impl, "status": self.status,
                 "loss_first": self.losses[0] if self.losses else None,
                 "loss_last": self.losses[-1] if self.losses else None, "step_ms": self.step_ms,
+                "step_ms_p20": self.step_ms_p20, "step_ms_p80": self.step_ms_p80,
                 "trainable_params": self.trainable, "saved_bytes": self.saved_bytes, "note": self.note}
 
 
@@ -151,7 +155,7 @@ def train(task: Task, model: torch.nn.Module, run: Run, steps: int, progress: bo
     if bar is not None:
         bar.close()
     run.losses = [float(v) for v in losses]
-    run.step_ms = 1e3 * t.median
+    run.step_ms, run.step_ms_p20, run.step_ms_p80 = 1e3 * t.median, 1e3 * t.p20, 1e3 * t.p80
     return run
 
 
@@ -203,67 +207,144 @@ def run_peft(task: Task, method: str, steps: int, progress: bool) -> Optional[Ru
 # ----------------------------------------------------------------------------------------------------
 # output
 # ----------------------------------------------------------------------------------------------------
-COLUMNS = ["model", "method", "impl", "status", "loss_first", "loss_last", "step_ms", "trainable_params",
-           "saved_bytes", "note"]
+COLUMNS = ["model", "method", "impl", "status", "loss_first", "loss_last", "step_ms", "step_ms_p20", "step_ms_p80",
+           "trainable_params", "saved_bytes", "note"]
+#: One colour per implementation, used by every panel of the plot and its legends.
+IMPL_COLORS = {"pyfastpeft": "tab:blue", "peft": "tab:gray"}
+IMPL_NAMES = {"pyfastpeft": "pyfastpeft", "peft": "PEFT"}
+METHOD_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 def _fmt(v: Any, fmt: str) -> str:
     return "" if v is None else format(v, fmt)
 
 
+def _noisy(r: dict) -> bool:
+    return noisy(r.get("step_ms"), r.get("step_ms_p20"), r.get("step_ms_p80"))
+
+
 def summary_table(rows: Sequence[dict]) -> str:
-    peft_ms = {(r["model"], r["method"]): r["step_ms"] for r in rows if r["impl"] == "peft" and r["step_ms"]}
+    """One line per run: losses, median step ms with its spread ((p80 - p20) / median; ``!`` over 20 %: not a
+    result), our step time over PEFT's (``(x)!`` when either timing is flagged), parameters, saved MiB."""
+    by = {(r["model"], r["method"]): r for r in rows if r["impl"] == "peft" and r["step_ms"]}
     body = []
+    flagged = False
     for r in rows:
-        p = peft_ms.get((r["model"], r["method"]))
-        vs = f"{r['step_ms'] / p:.2f}" if r["impl"] == "pyfastpeft" and p and r["step_ms"] else ""
+        p = by.get((r["model"], r["method"]))
+        bad = _noisy(r)
+        vs = ""
+        if r["impl"] == "pyfastpeft" and p and r["step_ms"]:
+            vs = ratio_text(r["step_ms"] / p["step_ms"], bad or _noisy(p))
+            flagged = flagged or bad or _noisy(p)
+        flagged = flagged or bad
+        sp = spread(r.get("step_ms"), r.get("step_ms_p20"), r.get("step_ms_p80"))
         body.append([r["model"], r["method"], r["impl"], _fmt(r["loss_first"], ".3f"), _fmt(r["loss_last"], ".3f"),
-                     _fmt(r["step_ms"], ".1f"), vs, _fmt(r["trainable_params"], ","),
+                     _fmt(r["step_ms"], ".1f") + (f" {FLAG}" if bad else ""),
+                     spread_text(sp) if r["step_ms"] is not None else "", vs, _fmt(r["trainable_params"], ","),
                      _fmt(r["saved_bytes"] / 2**20 if r["saved_bytes"] is not None else None, ".2f"),
                      r["note"] if r["status"] == "ok" else r["status"]])
-    return table(["model", "method", "impl", "loss first", "loss last", "step ms", "x peft", "trainable",
-                  "saved MiB", "note"], body)
+    out = table(["model", "method", "impl", "loss first", "loss last", "step ms", "spread", "x peft", "trainable",
+                 "saved MiB", "note"], body)
+    return out + ("\n" + FOOTNOTE if flagged else "")
 
 
 def plot(result: dict, path: Path) -> Optional[str]:
-    """Loss curves per model (left column) and step time / saved MiB bars (right). None, or why no PNG."""
+    """Write :func:`figure` to ``path``. None, or why no PNG was written."""
+    from pyfastpeft.tools import figures
+
+    return figures.save(figure(result), path, dpi=100)
+
+
+def figure(result: dict) -> Any:
+    """Per model (one row of panels): loss curves, median step ms, saved MiB (headless, Agg).
+
+    Every panel draws an implementation in its one colour (:data:`IMPL_COLORS`: pyfastpeft blue, PEFT grey) and
+    has a legend with exactly those colours; in the loss panel the method is the marker, and PEFT's curve (often
+    equal to ours) is drawn wide and pale underneath. Step times are on a log axis (one slow run does not squash
+    the others), with p20-p80 whiskers; a run whose spread exceeds 20 % is hatched and labelled ``!``. Returns the figure or why there is none."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except Exception as e:  # noqa: BLE001
         return f"no PNG: matplotlib not importable ({type(e).__name__}: {e})"
     runs = [r for r in result["rows"] if r["status"] == "ok"]
     models = list(dict.fromkeys(r["model"] for r in runs))
     if not models:
         return "no PNG: no run finished"
-    fig, axes = plt.subplots(len(models), 3, figsize=(15, 3.8 * len(models)), squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    marker = {m: METHOD_MARKERS[i % len(METHOD_MARKERS)] for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(len(models), 3, figsize=(16, 4.2 * len(models)), squeeze=False)
     for i, m in enumerate(models):
         mr = [r for r in runs if r["model"] == m]
-        labels = [f"{r['method']}\n{'PEFT' if r['impl'] == 'peft' else 'pfp'}" for r in mr]
+        impls = list(dict.fromkeys(r["impl"] for r in mr))
+        labels = [f"{r['method']} ({'ours' if r['impl'] == 'pyfastpeft' else IMPL_NAMES.get(r['impl'], r['impl'])})"
+                  for r in mr]
         ax = axes[i][0]
         for r in mr:
             curve = result["curves"][f"{m}/{r['method']}/{r['impl']}"]
-            ax.plot(range(1, len(curve) + 1), curve, ls="--" if r["impl"] == "peft" else "-",
-                    label=f"{r['method']} ({r['impl']})")
-        ax.set_title(f"{m}: training loss")
+            peft = r["impl"] == "peft"  # PEFT's curve often equals ours: drawn wide and pale underneath
+            ax.plot(range(1, len(curve) + 1), curve, color=IMPL_COLORS.get(r["impl"], "tab:orange"),
+                    lw=4.0 if peft else 1.3, alpha=0.45 if peft else 1.0, zorder=1 if peft else 2,
+                    marker=marker[r["method"]], ms=7 if peft else 4,
+                    label=f"{r['method']} ({IMPL_NAMES.get(r['impl'], r['impl'])})")
+        ax.set_title(f"{m}: training loss (colour: implementation, marker: method; PEFT wide and pale)",
+                     fontsize=9)
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-        for ax, key, ylabel in ((axes[i][1], "step_ms", "median step ms (CPU, measured)"),
-                                (axes[i][2], "saved_bytes", "saved for backward, MiB (counted)")):
-            vals = [(r[key] or 0) / (2**20 if key == "saved_bytes" else 1) for r in mr]
-            colors = ["tab:gray" if r["impl"] == "peft" else "tab:blue" for r in mr]
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=7, ncol=2)
+        for ax, key, ylabel, title in (
+                (axes[i][1], "step_ms", "median step ms (CPU, measured; log scale)",
+                 f"{m}: step time (whiskers p20-p80): lower is better"),
+                (axes[i][2], "saved_bytes", "saved for backward, MiB (counted)",
+                 f"{m}: activation memory: lower is better")):
+            scale = 2**20 if key == "saved_bytes" else 1
+            vals = [(r[key] / scale) if r[key] is not None else 0.0 for r in mr]
+            colors = [IMPL_COLORS.get(r["impl"], "tab:orange") for r in mr]
             cont = ax.bar(range(len(mr)), vals, color=colors)
-            ax.bar_label(cont, fmt="%.1f" if key == "step_ms" else "%.2f", fontsize=7)
+            bad = [key == "step_ms" and _noisy(r) for r in mr]
+            for patch, b in zip(cont.patches, bad):
+                if b:
+                    patch.set_hatch("///")
+                    patch.set_alpha(0.45)
+                    patch.set_edgecolor("dimgray")
+            fmt = ".1f" if key == "step_ms" else ".2f"
+            for j, (v, b, r) in enumerate(zip(vals, bad, mr)):  # above the bar, or above its p80 whisker
+                top = max(v, (r.get("step_ms_p80") or 0.0) if key == "step_ms" else 0.0)
+                ax.annotate(format(v, fmt) + (f" {FLAG}" if b else ""), (j, top), xytext=(0, 2),
+                            textcoords="offset points", ha="center", va="bottom", fontsize=7)
+            if key == "step_ms":
+                spread_known = [(j, v, r) for j, (v, r) in enumerate(zip(vals, mr))
+                                if r.get("step_ms_p20") is not None and r.get("step_ms_p80") is not None and v > 0]
+                if spread_known:
+                    ax.errorbar([j for j, _, _ in spread_known], [v for _, v, _ in spread_known],
+                                yerr=[[max(v - r["step_ms_p20"], 0.0) for _, v, r in spread_known],
+                                      [max(r["step_ms_p80"] - v, 0.0) for _, v, r in spread_known]],
+                                fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+                ax.set_yscale("log")  # one slow run must not squash the others
+                ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_formatter(NullFormatter())
+                pos = [v for v in vals if v > 0]
+                if pos:
+                    ax.set_ylim(min(pos) / 2, max(max(pos), max(r.get("step_ms_p80") or 0 for r in mr)) * 3)
+            else:
+                ax.set_ylim(0, max(vals + [1e-9]) * 1.35)
             ax.set_xticks(range(len(mr)))
-            ax.set_xticklabels(labels, fontsize=7)
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{m}: {ylabel.split(',')[0].split(' (')[0]}")
-    fig.suptitle(f"pyfastpeft demo on {result['metadata']['device_name']} (blue: pyfastpeft, grey: PEFT)")
+            ax.set_xticklabels(labels, fontsize=7, rotation=30, ha="right", rotation_mode="anchor")
+            ax.set_xlabel("method / implementation")
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.set_title(title, fontsize=9)
+            handles = [Patch(facecolor=IMPL_COLORS.get(k, "tab:orange"), label=IMPL_NAMES.get(k, k)) for k in impls]
+            if any(bad):
+                handles.append(Patch(facecolor="lightgray", edgecolor="dimgray", hatch="///", label=LEGEND))
+            ax.legend(handles=handles, fontsize=7, loc="upper left")
+    fig.suptitle(f"pyfastpeft demo on {result['metadata'].get('device_name', '?')}: "
+                 + ", ".join(f"{IMPL_NAMES[k]} = {IMPL_COLORS[k].replace('tab:', '')}" for k in IMPL_COLORS))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return None
+    return fig
 
 
 def write(result: dict, out: Path) -> dict:
@@ -321,7 +402,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, choices=["cuda", "triton", "torch"],
                    help="pin the pyfastpeft backend (default: auto)")
     p.add_argument("--no-peft", action="store_true", help="do not run PEFT for comparison")
-    p.add_argument("--out", default="pyfastpeft-demo", help="output directory (default: ./pyfastpeft-demo)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: ./pyfastpeft-results/demo, git-ignored; the committed "
+                        "benchmarks/results/demo-cpu-quick changes only when named here)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 with --quick, where tiny GEMMs only lose to thread "
                         "hand-offs, else torch's default)")
@@ -368,7 +451,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str], models: Sequence[str], 
                                                                    "; PEFT where it has the method"), flush=True)
     result = run(models, methods, quick=args.quick, steps=steps, progress=not args.no_progress,
                  backend=args.backend, with_peft=not args.no_peft, seed=args.seed, argv=list(argv))
-    paths = write(result, Path(args.out))
+    paths = write(result, out_dir(args.out))
     print(summary_table(result["rows"]))
     print("step ms: median of steps 2.. (forward + backward + AdamW), measured on this CPU; saved MiB: bytes "
           "autograd keeps for backward in one training forward (pfp.perf.saved_bytes, whole model)")
@@ -377,4 +460,13 @@ def _main(args: argparse.Namespace, argv: Sequence[str], models: Sequence[str], 
     for kind, p in paths.items():
         if p is not None:
             print(f"wrote {p}")
+    if not args.out:
+        print(f"results are in {out_dir(None)}/ (untracked, git-ignored); --out DIR writes elsewhere")
     return 1 if any(r["status"] != "ok" for r in result["rows"]) else 0
+
+
+def out_dir(out: Optional[str]) -> Path:
+    """Where the demo writes: ``out``, else ``./pyfastpeft-results/demo`` (git-ignored)."""
+    from pyfastpeft.tools.bench import DEFAULT_OUT_DIR
+
+    return Path(out) if out else DEFAULT_OUT_DIR / "demo"

@@ -3,12 +3,63 @@
 Each round runs every callable once, starting point rotated per round, so machine noise (other processes,
 frequency changes) hits every callable alike. ``torch.utils.benchmark`` is not used: its ``Timer`` times
 one statement at a time (no interleaving) and reports the median and interquartile range, not p20 / p80.
+
+The spread rule of every tool and benchmark table: a timing whose ``(p80 - p20) / median`` exceeds
+:data:`SPREAD_LIMIT` (20 %) is flagged with :data:`FLAG` and is not a result; a ratio computed from a flagged
+timing is shown flagged (:func:`ratio_text`), never as a plain ratio.
 """
 from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Union
+
+# ----------------------------------------------------------------------------------------------------
+# the spread rule: a timing whose (p80 - p20) / median exceeds SPREAD_LIMIT is not a result
+# ----------------------------------------------------------------------------------------------------
+SPREAD_LIMIT = 0.20
+FLAG = "!"
+FOOTNOTE = (f"{FLAG} spread (p80 - p20) / median > {100 * SPREAD_LIMIT:.0f} %: not a result; a ratio marked "
+            f"(x){FLAG} uses such a timing")
+LEGEND = f"spread > {100 * SPREAD_LIMIT:.0f} %: not a result"
+
+
+def spread(median: Optional[float], p20: Optional[float], p80: Optional[float]) -> Optional[float]:
+    """``(p80 - p20) / median`` (a fraction), or None when a value is missing or the median is not > 0."""
+    try:
+        m, lo, hi = float(median), float(p20), float(p80)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    if not (m > 0) or any(math.isnan(v) for v in (m, lo, hi)):
+        return None
+    return (hi - lo) / m
+
+
+def noisy(median: Optional[float], p20: Optional[float], p80: Optional[float],
+          limit: float = SPREAD_LIMIT) -> bool:
+    """True when the timing's spread exceeds ``limit`` (a timing without a known spread is not flagged)."""
+    s = spread(median, p20, p80)
+    return s is not None and s > limit
+
+
+def spread_text(s: Optional[float], limit: float = SPREAD_LIMIT) -> str:
+    """``"8 %"``, ``"31 % !"`` (over the limit) or ``"?"`` (unknown)."""
+    if s is None:
+        return "?"
+    return f"{100 * s:.0f} %" + (f" {FLAG}" if s > limit else "")
+
+
+def ratio_text(value: Optional[float], flagged: bool, fmt: str = ".2f", empty: str = "") -> str:
+    """A ratio cell: ``"1.05"``, or ``"(1.05)!"`` when it is computed from a flagged timing."""
+    if value is None:
+        return empty
+    v = format(value, fmt)
+    return f"({v}){FLAG}" if flagged else v
+
+
+def any_noisy(timings: Iterable[Optional["Timing"]], limit: float = SPREAD_LIMIT) -> bool:
+    """True when one of ``timings`` (``Timing`` or ``(median, p20, p80, ...)``; None skipped) is flagged."""
+    return any(t is not None and noisy(t[0], t[1], t[2], limit) for t in timings)
 
 
 class Timing(NamedTuple):
@@ -18,6 +69,16 @@ class Timing(NamedTuple):
     p20: float
     p80: float
     rounds: int
+
+    @property
+    def spread(self) -> Optional[float]:
+        """``(p80 - p20) / median``."""
+        return spread(self.median, self.p20, self.p80)
+
+    @property
+    def noisy(self) -> bool:
+        """The spread exceeds :data:`SPREAD_LIMIT`: the timing is not a result."""
+        return noisy(self.median, self.p20, self.p80)
 
 
 def _quantile(s: list[float], p: float) -> float:
