@@ -17,7 +17,6 @@ Backends:
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
@@ -233,7 +232,8 @@ def validate_lora_args(x, weight, bias, lora_a, lora_b, scale, dropout_p) -> flo
         raise ValueError("weight must be frozen (requires_grad=False): LoRA trains only lora_a and lora_b")
     # a number or a 0-d tensor, finite; a traced (symbolic) scale is checked in eager mode only
     scale = check_scalar("scale", scale)
-    if not isinstance(dropout_p, (numbers.Real, torch.SymFloat)) or not 0.0 <= dropout_p < 1.0:
+    p = check_scalar("dropout_p", dropout_p)  # a number or a 0-d tensor
+    if not isinstance(p, (torch.SymFloat, Tensor)) and not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     return scale
 

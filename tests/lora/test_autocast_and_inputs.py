@@ -535,6 +535,18 @@ def test_scale_as_0d_tensor_is_a_number(op, backend):
     torch.testing.assert_close(layer(x), y_num, rtol=0, atol=0)
 
 
+def test_dropout_p_as_0d_tensor_and_bad_values_name_it():
+    """``dropout_p`` takes a number or a 0-d tensor (0 gives exactly the no-dropout result); NaN, a value out
+    of [0, 1), a bool or a vector raise ValueError naming it."""
+    d, _ = _poisoned("nan")
+    args = (d["x"], d["weight"], d["bias"], d["lora_a"], d["lora_b"], 1.5)
+    torch.testing.assert_close(pfp.lora_linear(*args, dropout_p=torch.tensor(0.0)), pfp.lora_linear(*args),
+                               rtol=0, atol=0)
+    for bad in (float("nan"), 1.0, -0.1, True, torch.tensor([0.1, 0.2])):
+        with pytest.raises(ValueError, match="dropout_p"):
+            pfp.lora_linear(*args, dropout_p=bad)
+
+
 # ------------------------------------------------------------------------------------------------ dtypes
 DT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 ARGS = ("weight", "bias", "lora_a", "lora_b", "tau")
