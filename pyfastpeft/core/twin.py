@@ -4,7 +4,7 @@ No CI job runs the CUDA kernels (CI is CPU-only), so before a CUDA C++ op is tru
 run once on small random inputs next to its twin, a float64 PyTorch computation of the same maths.
 The verdict is remembered per (op, GPU name, compute capability, pyfastpeft version, torch version,
 CUDA version, extension build), in memory and in ``<cache dir>/twin_checks.json``, where the cache dir
-is ``$PYFASTPEFT_CACHE_DIR`` or ``~/.cache/pyfastpeft``. A failing op is disabled: :func:`cuda_op_ok`
+is ``$PYFASTPEFT_CACHE_DIR`` or ``~/.cache/pyfastpeft`` (``core/cache.py``). A failing op is disabled: :func:`cuda_op_ok`
 returns a reason, a warning is logged on logger ``"pyfastpeft"`` (op, max error, "disabled"), and the
 dispatcher uses another backend. ``PYFASTPEFT_TWIN_CHECK=0`` skips the checks (every op is trusted).
 
@@ -24,19 +24,17 @@ process only; they are not written to the cache file.
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
-import json
 import logging
 import math
 import os
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from pyfastpeft.core import cache as _cache
 
 log = logging.getLogger("pyfastpeft")
 
@@ -81,42 +79,15 @@ def enabled() -> bool:
 
 def cache_path() -> Path:
     """``$PYFASTPEFT_CACHE_DIR/twin_checks.json``, else ``~/.cache/pyfastpeft/twin_checks.json``."""
-    base = os.environ.get("PYFASTPEFT_CACHE_DIR") or os.path.join(Path.home(), ".cache", "pyfastpeft")
-    return Path(base) / CACHE_FILE
+    return _cache.cache_dir() / CACHE_FILE
 
 
 def _pkg_version() -> str:
-    mod = sys.modules.get("pyfastpeft")
-    ver = getattr(mod, "__version__", None)
-    if ver:
-        return str(ver)
-    try:
-        return importlib.metadata.version("pyfastpeft")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _ext_fingerprint() -> str:
-    """Size and mtime of the loaded ``pyfastpeft._C``: a rebuilt extension (same version) is re-checked."""
-    path = getattr(sys.modules.get("pyfastpeft._C"), "__file__", None)
-    if not path:
-        return "none"
-    try:
-        st = os.stat(path)
-    except OSError:
-        return "unknown"
-    return f"{os.path.basename(path)}:{st.st_size}:{int(st.st_mtime)}"
+    return _cache.pkg_version()
 
 
 def _identity(device: torch.device) -> dict[str, str]:
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        gpu = torch.cuda.get_device_name(idx)
-        cc = "%d.%d" % torch.cuda.get_device_capability(idx)
-    else:
-        gpu, cc = device.type, "n/a"
-    return {"gpu": gpu, "cc": cc, "pyfastpeft": _pkg_version(), "torch": torch.__version__,
-            "cuda": str(torch.version.cuda), "ext": _ext_fingerprint()}
+    return _cache.identity(device, version=_pkg_version)
 
 
 def _key(op: str, ident: dict[str, str]) -> str:
@@ -124,33 +95,12 @@ def _key(op: str, ident: dict[str, str]) -> str:
 
 
 def _read_cache(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:  # unreadable or corrupt: start over (it is only a cache)
-        log.debug("pyfastpeft: ignoring unreadable twin-check cache %s (%s)", path, e)
-        return {}
-    return data if isinstance(data, dict) else {}
+    return _cache.read_json(path)
 
 
 def _write_entry(path: Path, key: str, entry: dict) -> None:
-    """Read-modify-write with an atomic replace; a read-only home only costs a re-check next time."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = _read_cache(path)
-        data[key] = entry
-        fd, tmp = tempfile.mkstemp(prefix=".twin_checks.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError as e:
-        log.debug("pyfastpeft: could not write twin-check cache %s (%s)", path, e)
+    """Add ``entry`` under ``key`` (read-modify-write, atomic replace); a read-only home only costs a re-check."""
+    _cache.update_json(path, lambda data: {**data, key: entry}, prefix=".twin_checks.")
 
 
 def _run_check(op: str, device: torch.device, fn: Callable[[torch.device], float], *,

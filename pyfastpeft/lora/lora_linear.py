@@ -39,8 +39,12 @@ from pyfastpeft.core.amp import autocast_as, autocast_off, autocast_state
 # y (and dx). Modeled on an H100 (r=16, K=N=4096, M=8192, bf16) that is ~1.28x the frozen layer's
 # fwd+bwd against ~1.10x for Triton, so cuda serves where Triton is not installed.
 _ORDER = ("triton", "cuda", "torch")
-FWD = OpRegistry("lora_linear_fwd", public="lora_linear", order=_ORDER)
-BWD = OpRegistry("lora_linear_bwd", public="lora_linear", order=_ORDER)
+# Without a measurement on a GPU (PYFASTPEFT_TUNE=0, or torch.compile / CUDA-graph capture before the first
+# eager call) the cuBLAS-backed paths come first: the fused Triton GEMM must win a measurement on the user's
+# GPU to be used (core/tune.py), since the model's ~1.10x assumes it runs at cuBLAS's own rate.
+VENDOR_ORDER = ("cuda", "torch", "triton")
+FWD = OpRegistry("lora_linear_fwd", public="lora_linear", order=_ORDER, vendor_order=VENDOR_ORDER)
+BWD = OpRegistry("lora_linear_bwd", public="lora_linear", order=_ORDER, vendor_order=VENDOR_ORDER)
 
 
 

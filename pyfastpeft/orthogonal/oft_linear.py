@@ -39,8 +39,9 @@ from pyfastpeft.orthogonal.cayley import cayley_work, validate_cayley_args
 from pyfastpeft.core.checks import autocast_on, check_bias, check_same_device, check_tensor, compute_dtype
 from pyfastpeft.core.amp import amp_bwd, amp_fwd, autocast_off
 
-FWD = OpRegistry("oft_linear_fwd", public="oft_linear")
-BWD = OpRegistry("oft_linear_bwd", public="oft_linear")
+# the fused Triton OFT GEMM must win a measurement on the GPU; the static default on CUDA is the cuBLAS path
+FWD = OpRegistry("oft_linear_fwd", public="oft_linear", vendor_order=("cuda", "torch", "triton"))
+BWD = OpRegistry("oft_linear_bwd", public="oft_linear", vendor_order=("cuda", "torch", "triton"))
 
 
 
