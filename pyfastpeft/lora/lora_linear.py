@@ -34,10 +34,12 @@ from pyfastpeft.core.backend import (Backend, OpRegistry,
 from pyfastpeft.lora import torch_impl as _fallback
 from pyfastpeft.core.amp import autocast_as, autocast_off, autocast_state
 
-# Auto order: Triton first. Its kernels are the fused path (shrink in the base GEMM's K loop, expand in
-# its epilogue); the cuda path is cuBLAS plus separate rank-r kernels, whose expand re-reads and re-writes
-# y (and dx). Modeled on an H100 (r=16, K=N=4096, M=8192, bf16) that is ~1.28x the frozen layer's
-# fwd+bwd against ~1.10x for Triton, so cuda serves where Triton is not installed.
+# Preference order: Triton first where nothing was measured and the static default does not apply (CPU under
+# the interpreter). Its kernels are the fused path (shrink in the base GEMM's K loop, expand in its epilogue),
+# modeled ~1.10x the frozen layer's fwd+bwd (r=16, K=N=4096, M=8192, bf16, H100) *if* it ran at cuBLAS's
+# rate. The cuda path is cuBLAS plus separate rank-r kernels whose expand re-reads y (and dx): ~1.28x. The
+# torch path writes the rank-r term first and lets the cuBLAS GEMM add onto it as its C operand: ~1.22x
+# (forward + input gradient), with no assumption about our own GEMM's efficiency.
 _ORDER = ("triton", "cuda", "torch")
 # Without a measurement on a GPU (PYFASTPEFT_TUNE=0, or torch.compile / CUDA-graph capture before the first
 # eager call) the cuBLAS-backed paths come first: the fused Triton GEMM must win a measurement on the user's

@@ -4,6 +4,9 @@ Forward, on 2-D ``x (M, K)``:
     y = x Wᵀ + bias + scale · u Bᵀ,   u = x_lora Aᵀ   (x_lora = dropout(x), or x itself when None)
 returns ``(y (M, N), u (M, R))``; backward saves only ``x_lora`` and ``u`` (W, A, B are parameters).
 
+The base GEMM runs last and adds onto the rank-r term (its ``C`` operand, ``beta = 1``), so nothing of size
+M × N (M × K for ``dx``) is read or written twice.
+
 Backward, with ``g = scale · dy B (M, R)``:
     dx = dy W + g A         (dx_mode 1: one tensor)
     dx = dy W,  dx_lora = g A   (dx_mode 2: dropout, the LoRA part flows back through the mask)
@@ -24,9 +27,10 @@ from pyfastpeft.core.alloc import empty_out
 def fwd(x: Tensor, x_lora: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
         lora_b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     u = torch.mm(x if x_lora is None else x_lora, lora_a.t())
-    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-    y.addmm_(u, lora_b.t(), alpha=scale)
-    return y, u
+    # The rank-r term first, then the base GEMM adds x Wᵀ onto it as its C operand (beta = 1): y is written
+    # once by the small GEMM and read once inside the compute-bound cuBLAS GEMM, never re-read after it.
+    y = torch.mm(u.mul(scale), lora_b.t()) if bias is None else torch.addmm(bias, u, lora_b.t(), alpha=scale)
+    return y.addmm_(x, weight.t()), u
 
 
 def bwd(dy: Tensor, x_lora: Tensor, u: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
@@ -36,7 +40,6 @@ def bwd(dy: Tensor, x_lora: Tensor, u: Tensor, weight: Tensor, lora_a: Tensor, l
     db = torch.mm(dy.t(), u).mul_(scale)
     if dx_mode == 0:  # custom-op outputs may not alias each other: two distinct empty tensors
         return empty_out((0,), like=dy), empty_out((0,), like=dy), da, db
-    dx = torch.mm(dy, weight)
-    if dx_mode == 1:
-        return dx.addmm_(g, lora_a), empty_out((0,), like=dy), da, db
-    return dx, torch.mm(g, lora_a), da, db
+    if dx_mode == 1:  # g A first, then dy W onto it as the base GEMM's C operand (as in the forward)
+        return torch.mm(g, lora_a).addmm_(dy, weight), empty_out((0,), like=dy), da, db
+    return torch.mm(dy, weight), torch.mm(g, lora_a), da, db

@@ -405,8 +405,9 @@ def _generic_launch(func, args, kwargs, out) -> Optional[Launch]:
     kind, tc = "other", False
     packet = func._overloadpacket
     reg = _torch_flop_registry()
-    if base in _MATMUL_FLOPS:
-        flops = int(_MATMUL_FLOPS[base](*args, **kwargs))
+    mm_base = base[:-1] if base.endswith("_") and base[:-1] in _MATMUL_FLOPS else base  # addmm_ is addmm in place
+    if mm_base in _MATMUL_FLOPS:
+        flops = int(_MATMUL_FLOPS[mm_base](*args, **kwargs))
         kind, tc = "matmul", True
     elif packet in reg:
         flops = int(reg[packet](*args, **kwargs, out_val=out))
