@@ -445,7 +445,40 @@ def perf_model(w: LinearWorkload, providers: Sequence[str], *, saved_M: int = 64
             continue
         out[kind] = {"saved_bytes_per_token": _saved_per_token(perf, code, w, saved_M, notes),
                      "modeled_h100_ms": _modeled_ms(perf, code, w, notes)}
+        if code == "pyfastpeft":
+            out[kind].update(_efficiency_columns(perf, w, notes))
     return out, "; ".join(dict.fromkeys(notes))
+
+
+def _cublas_path_counts(perf: Any, w: LinearWorkload) -> Any:
+    """The launches of LoRA's cuBLAS path (the torch backend on a GPU: rank-r GEMMs first, the base GEMM adding
+    onto them as its C operand), forward and input-gradient backward, bf16 meta tensors at the GPU shape."""
+    from pyfastpeft.lora import torch_impl
+
+    m = torch.device("meta")
+    e = lambda *s: torch.empty(*s, device=m, dtype=torch.bfloat16)  # noqa: E731
+    x, W, A, B, dy, u = e(w.gpu_M, w.K), e(w.N, w.K), e(w.R, w.K), e(w.N, w.R), e(w.gpu_M, w.N), e(w.gpu_M, w.R)
+    b = e(w.N)
+    return (perf.count(lambda x: torch_impl.fwd(x, None, W, b, A, B, 2.0), x)
+            + perf.count(lambda dy: torch_impl.bwd(dy, x, u, W, A, B, 2.0, 1), dy))
+
+
+def _efficiency_columns(perf: Any, w: LinearWorkload, notes: list) -> dict:
+    """The Triton path modeled with our GEMMs at 0.65 and 1.0 of cuBLAS's rate, the cuBLAS path's modeled
+    time, and the break-even efficiency between the two (below it the cuBLAS path is faster)."""
+    try:
+        gw = LinearWorkload(w.model, w.gpu_M, w.K, w.N, w.R, w.gpu_M)
+        fn, args = _fn_for("pyfastpeft", _meta_inputs(gw, torch.bfloat16), backend="triton")
+        counts = perf.count(fn, *args, mode="fwd+bwd")
+        lo, hi = perf.EFFICIENCY_RANGE
+        cublas_s = perf.roofline(_cublas_path_counts(perf, w)).time()
+        return {"modeled_h100_ms_e065": perf.roofline(counts, triton_efficiency=lo).time() * 1e3,
+                "modeled_h100_ms_e100": perf.roofline(counts, triton_efficiency=hi).time() * 1e3,
+                "modeled_cublas_path_ms": cublas_s * 1e3,
+                "break_even_efficiency": perf.break_even(counts, cublas_s)}
+    except Exception as e:  # noqa: BLE001
+        notes.append(f"efficiency range: {type(e).__name__}: {_line(e)}")
+        return {}
 
 
 def model_columns(provider: str, model: dict) -> dict:
@@ -454,9 +487,13 @@ def model_columns(provider: str, model: dict) -> dict:
     provider (for pyfastpeft: the Triton path, whose launches the library declares)."""
     m = model.get(_kind_label(provider), {})
     t = m.get("modeled_h100_ms")
+    extra = {k: m.get(k) for k in ("modeled_h100_ms_e065", "modeled_h100_ms_e100", "break_even_efficiency")}
     if provider.startswith("pyfastpeft-") and provider != "pyfastpeft-triton":
         t = None
-    return {"saved_bytes_per_token": m.get("saved_bytes_per_token"), "modeled_h100_ms": t}
+        extra = {k: None for k in extra}
+        if provider == "pyfastpeft-torch":  # on a GPU: cuBLAS with the rank-r term as its C operand
+            t = m.get("modeled_cublas_path_ms")
+    return {"saved_bytes_per_token": m.get("saved_bytes_per_token"), "modeled_h100_ms": t, **extra}
 
 
 def _fn_for(kind: str, inp: dict, *, backend: Optional[str] = None) -> tuple[Callable, tuple]:
@@ -609,6 +646,8 @@ COLUMNS = ["op", "provider", "mode", "dtype", "M", "K", "N", "R", "extra_json", 
            # beyond STYLE's schema: which workload, the verdict, ratios, and the modeled columns
            "workload", "device_name", "status", "ratio_to_frozen", "ratio_to_peft", "saved_bytes_per_token",
            "modeled_h100_ms",
+           # the honest model: the Triton path at both ends of the efficiency range, and where it breaks even
+           "modeled_h100_ms_e065", "modeled_h100_ms_e100", "break_even_efficiency",
            # the spread rule (pyfastpeft.tools.timing): (p80 - p20) / median, and the flags it sets
            "spread", "noisy", "ratio_to_frozen_noisy", "ratio_to_peft_noisy"]
 
@@ -668,6 +707,7 @@ def run(cfg: BenchConfig) -> dict:
                  workload=w.name, status=status, extra_json=json.dumps(extra, sort_keys=True),
                  ms_p50=None, ms_p20=None, ms_p80=None, peak_mb=peak, tflops=None, gbps=None,
                  ratio_to_frozen=None, ratio_to_peft=None, saved_bytes_per_token=None, modeled_h100_ms=None,
+                 modeled_h100_ms_e065=None, modeled_h100_ms_e100=None, break_even_efficiency=None,
                  spread=None, noisy=None, ratio_to_frozen_noisy=None, ratio_to_peft_noisy=None)
         if q is not None:
             r["ms_p50"], r["ms_p20"], r["ms_p80"] = q
@@ -1013,40 +1053,70 @@ def _kind_label(provider: str) -> str:
     return "pyfastpeft" if provider.startswith("pyfastpeft-") else provider
 
 
-PATHS = ("frozen", "pyfastpeft", "peft", "ref-eager")
+PATHS = ("frozen", "pyfastpeft", "pyfastpeft-cublas", "peft", "ref-eager")
+_MODEL_KEYS = ("saved_bytes_per_token", "modeled_h100_ms", "modeled_h100_ms_e065", "modeled_h100_ms_e100",
+               "break_even_efficiency")
+
+
+def _model_path(provider: str) -> str:
+    """The modeled code path of a provider: the Triton path (``pyfastpeft``) or, for the torch backend, the
+    cuBLAS path (``pyfastpeft-cublas``: what that backend runs on a GPU)."""
+    return "pyfastpeft-cublas" if provider == "pyfastpeft-torch" else _kind_label(provider)
 
 
 def model_table(rows: Sequence[dict]) -> list[dict]:
     """Per (workload, code path): counted saved bytes / token and modeled H100 fwd+bwd ms (pyfastpeft: the
-    Triton path), with the modeled ratios to frozen and to peft. Built from result rows (JSON or CSV)."""
+    Triton path with our GEMMs at 0.75 of cuBLAS, also at 0.65 and 1.0, and its break-even efficiency
+    against the cuBLAS path; pyfastpeft-cublas: the torch backend's path on a GPU), with the modeled ratios
+    to frozen and to peft. Built from result rows (JSON or CSV)."""
     acc: dict[tuple[str, str], dict] = {}
     for r in rows:
-        path = _kind_label(r["provider"])
+        path = _model_path(r["provider"])
         if path not in PATHS:
             continue
         e = acc.setdefault((r["workload"], path), {"workload": r["workload"], "path": path,
-                                                   "saved_bytes_per_token": None, "modeled_h100_ms": None})
-        for k in ("saved_bytes_per_token", "modeled_h100_ms"):
+                                                   **{k: None for k in _MODEL_KEYS}})
+        for k in _MODEL_KEYS:
             if e[k] is None and r.get(k) not in (None, ""):
                 e[k] = float(r[k])
     out = [e for e in acc.values() if e["saved_bytes_per_token"] is not None or e["modeled_h100_ms"] is not None]
     for e in out:
         for base in ("frozen", "peft"):
             b = acc.get((e["workload"], base), {}).get("modeled_h100_ms")
-            e[f"modeled_x_{base}"] = e["modeled_h100_ms"] / b if b and e["modeled_h100_ms"] is not None else None
+            for k, col in (("modeled_h100_ms", f"modeled_x_{base}"), ("modeled_h100_ms_e065", f"modeled_x_{base}_e065"),
+                           ("modeled_h100_ms_e100", f"modeled_x_{base}_e100")):
+                e[col] = e[k] / b if b and e[k] is not None else None
     order = {p: i for i, p in enumerate(PATHS)}
     wl_order = {w: i for i, w in enumerate(dict.fromkeys(r["workload"] for r in rows))}
     return sorted(out, key=lambda e: (wl_order[e["workload"]], order[e["path"]]))
 
 
+def path_label(path: str) -> str:
+    return {"pyfastpeft": "pyfastpeft (triton path)", "pyfastpeft-cublas": "pyfastpeft (cuBLAS path)"}.get(path, path)
+
+
+def efficiency_range(e: dict, base: str = "frozen") -> str:
+    """``"1.05–1.19"``: the modeled ratio with our Triton GEMMs at 1.0 and at 0.65 of cuBLAS ("" if none)."""
+    lo, hi = e.get(f"modeled_x_{base}_e100"), e.get(f"modeled_x_{base}_e065")
+    return "" if lo is None or hi is None else f"{lo:.2f}–{hi:.2f}"
+
+
+def break_even_text(e: dict) -> str:
+    be = e.get("break_even_efficiency")
+    if e.get("modeled_h100_ms_e065") is None:
+        return ""
+    return "never" if be is None else f"{be:.2f}"
+
+
 def model_summary(rows: Sequence[dict]) -> str:
-    body = [[e["workload"], e["path"] + (" (triton path)" if e["path"] == "pyfastpeft" else ""),
-             _f(e["saved_bytes_per_token"], ".0f"), _f(e["modeled_h100_ms"], ".4f"), _f(e["modeled_x_frozen"], ".2f"),
-             _f(e["modeled_x_peft"], ".2f")] for e in model_table(rows)]
+    body = [[e["workload"], path_label(e["path"]), _f(e["saved_bytes_per_token"], ".0f"), _f(e["modeled_h100_ms"], ".4f"),
+             _f(e["modeled_x_frozen"], ".2f"), efficiency_range(e), break_even_text(e), _f(e["modeled_x_peft"], ".2f")]
+            for e in model_table(rows)]
     if not body:
         return ""
     return table(["workload", "code path", "saved B/token (counted)", "H100 fwd+bwd ms (MODEL)",
-                  "model x frozen", "model x peft"], body)
+                  "model x frozen", "x frozen, Triton eff 1.0–0.65", "break-even eff vs cuBLAS path",
+                  "model x peft"], body)
 
 
 def _f(v: Any, fmt: str) -> str:

@@ -758,6 +758,34 @@ DEVICES: Dict[str, Dict[str, Any]] = {
 }
 
 
+# Our Triton GEMMs' share of the vendor GEMM's rate (cuBLAS at the tensor-core peak above). A model input, not
+# a measurement: 0.75 until a measurement on a GPU replaces it (``PYFASTPEFT_TRITON_EFFICIENCY``, or the
+# ``triton_efficiency=`` argument). Public H100 figures for pointer-load Triton GEMMs range 0.38-0.90.
+TRITON_EFFICIENCY = 0.75
+EFFICIENCY_RANGE = (0.65, 1.0)  # the range every modeled ratio of a Triton GEMM path is shown over
+
+
+def triton_efficiency() -> float:
+    """``PYFASTPEFT_TRITON_EFFICIENCY`` (a number in (0, 2]) if set, else :data:`TRITON_EFFICIENCY`."""
+    import os
+
+    raw = os.environ.get("PYFASTPEFT_TRITON_EFFICIENCY", "").strip()
+    if not raw:
+        return TRITON_EFFICIENCY
+    try:
+        e = float(raw)
+    except ValueError:
+        e = float("nan")
+    if not 0 < e <= 2:
+        raise ValueError(f"PYFASTPEFT_TRITON_EFFICIENCY must be a number in (0, 2], got {raw!r}")
+    return e
+
+
+def is_ours(launch: Launch) -> bool:
+    """A launch of our own Triton kernels (declared ``"triton:..."``), whose GEMM rate is a model input."""
+    return launch.name.startswith("triton:")
+
+
 @dataclass
 class Roofline:
     """Modeled time of a :class:`Counts` on a device from :data:`DEVICES`. A model, not a measurement.
@@ -771,6 +799,7 @@ class Roofline:
     device: str
     label: str
     launches: List[Tuple[Launch, float, str]] = field(default_factory=list)
+    triton_efficiency: float = TRITON_EFFICIENCY
 
     def time(self, phase: Optional[str] = None) -> float:
         """Modeled seconds, for one phase (``"fwd"``/``"bwd"``) or all (``None``)."""
@@ -815,24 +844,28 @@ class Roofline:
                 f"bwd={self.bwd_s * 1e6:.3f} us, launches={len(self.launches)})")
 
 
-def launch_time(launch: Launch, device: str = "h100") -> Tuple[float, str]:
+def launch_time(launch: Launch, device: str = "h100", triton_efficiency: Optional[float] = None) -> Tuple[float, str]:
     """Modeled seconds of one launch and whether it is compute- or memory-bound.
 
     Args:
         launch: the launch.
         device: key into :data:`DEVICES`.
+        triton_efficiency: share of the vendor GEMM's rate our Triton GEMMs reach (default
+            :func:`triton_efficiency`); applies to our tensor-core launches only.
 
     Returns:
         ``(max(flops / P, bytes / BW) + launch_s, "compute" | "memory")``.
     """
     d = DEVICES[device]
     peak = d["tensor_flops"] if (launch.tensor_core and launch.dtype in _HALF) else d["simt_flops"]
+    if is_ours(launch) and launch.tensor_core and launch.dtype in _HALF:
+        peak *= triton_efficiency if triton_efficiency is not None else globals()["triton_efficiency"]()
     tc = launch.flops / peak
     tm = launch.bytes / d["bandwidth"]
     return max(tc, tm) + d["launch_s"], ("compute" if tc > tm else "memory")
 
 
-def roofline(counts: Counts, device: str = "h100") -> Roofline:
+def roofline(counts: Counts, device: str = "h100", triton_efficiency: Optional[float] = None) -> Roofline:
     """Modeled time of every launch in ``counts``: ``t = max(FLOPs / P, bytes / BW) + launch``.
 
     The peak ``P`` per launch (the dtype rule):
@@ -842,22 +875,43 @@ def roofline(counts: Counts, device: str = "h100") -> Roofline:
     * ``P = 60e12`` FLOP/s for everything else: fp32 GEMMs (TF32 is not assumed), and pointwise ops,
       reductions and copies in any dtype.
 
-    ``BW = 3.0e12`` B/s and a launch costs ``2e-6`` s (:data:`DEVICES`).
+    ``BW = 3.0e12`` B/s and a launch costs ``2e-6`` s (:data:`DEVICES`). Our own Triton GEMMs (launches
+    named ``"triton:..."``) get ``triton_efficiency × P`` (default 0.75, :func:`triton_efficiency`): the
+    vendor GEMM is the floor, and ours are not assumed to match it until a GPU says so.
 
     Args:
         counts: from :func:`count` (or assembled from declared :class:`Launch` es).
         device: key into :data:`DEVICES`; only ``"h100"`` is defined.
+        triton_efficiency: overrides the default share of cuBLAS's rate for our Triton GEMMs.
 
     Returns:
         :class:`Roofline` with per-launch times and per-phase totals, labelled as modeled.
     """
     if device not in DEVICES:
         raise KeyError(f"unknown device {device!r}; known: {sorted(DEVICES)}")
-    rl = Roofline(device=device, label=DEVICES[device]["label"])
+    e = triton_efficiency if triton_efficiency is not None else globals()["triton_efficiency"]()
+    rl = Roofline(device=device, label=f"{DEVICES[device]['label']}, Triton GEMMs at {e:g} of cuBLAS",
+                  triton_efficiency=e)
     for ln in counts.ops:
-        t, bound = launch_time(ln, device)
+        t, bound = launch_time(ln, device, e)
         rl.launches.append((ln, t, bound))
     return rl
+
+
+def break_even(counts: Counts, baseline_s: float, device: str = "h100") -> Optional[float]:
+    """The Triton GEMM efficiency at which ``counts`` is modeled exactly as fast as ``baseline_s`` (e.g. the
+    cuBLAS path's modeled time): below it the baseline wins. ``0.0`` when ``counts`` wins at any efficiency
+    (no Triton GEMM in it, or it wins even so), ``None`` when it loses even at twice cuBLAS's rate."""
+    t = lambda e: roofline(counts, device, triton_efficiency=e).time()  # noqa: E731  (non-increasing in e)
+    if t(1e-3) <= baseline_s:
+        return 0.0
+    if t(2.0) > baseline_s:
+        return None
+    lo, hi = 1e-3, 2.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if t(mid) <= baseline_s else (mid, hi)
+    return hi
 
 
 def _install() -> None:

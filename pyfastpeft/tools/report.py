@@ -141,9 +141,9 @@ def model_rows(src: Source) -> list[list[str]]:
 
     out = []
     for e in bench.model_table(src.data["rows"]):
-        path = e["path"] + (" (triton path)" if e["path"] == "pyfastpeft" else "")
-        out.append([e["workload"], path, _f(e["saved_bytes_per_token"], ".0f"), _f(e["modeled_h100_ms"], ".4f"),
-                    _f(e.get("modeled_x_frozen"), ".2f"), _f(e.get("modeled_x_peft"), ".2f"), f"[{src.tag}]"])
+        out.append([e["workload"], bench.path_label(e["path"]), _f(e["saved_bytes_per_token"], ".0f"),
+                    _f(e["modeled_h100_ms"], ".4f"), _f(e.get("modeled_x_frozen"), ".2f"), bench.efficiency_range(e),
+                    bench.break_even_text(e), _f(e.get("modeled_x_peft"), ".2f"), f"[{src.tag}]"])
     return out
 
 
@@ -363,9 +363,13 @@ def build(results: Path, out: Path, *, root: Optional[Path] = None, with_plots: 
         if mrows:
             md += ["", "## Counted and modeled (per workload)", "",
                    "Saved bytes per token are counted exactly (`pfp.perf.saved_bytes`); the H100 time is the "
-                   "roofline model of `pfp.perf.roofline` (bf16, the GPU shape; pyfastpeft: the Triton path).", ""]
+                   "roofline model of `pfp.perf.roofline` (bf16, the GPU shape; pyfastpeft: the Triton path with our "
+                   "GEMMs at 0.75 of cuBLAS's rate, also shown at 1.0–0.65, and the efficiency below which the "
+                   "cuBLAS path is faster; results files written before the efficiency columns leave those "
+                   "cells empty).", ""]
             md.append(table(["workload", "code path", "saved B/token", "H100 fwd+bwd ms (MODEL)",
-                             "model x frozen", "model x peft", "src"], mrows, markdown=True))
+                             "model x frozen", "x frozen, Triton eff 1.0–0.65", "break-even eff vs cuBLAS path",
+                             "model x peft", "src"], mrows, markdown=True))
         srows = [r for s in bench_srcs for r in skipped_rows(s)]
         if srows:
             md += ["", "Providers without timings:", "", table(["provider", "why", "src"], srows, markdown=True)]

@@ -379,3 +379,42 @@ def test_lora_torch_path_adds_the_base_gemm_onto_the_rank_r_term(bias):
               + perf.roofline(perf.count(lambda dy: torch.mm(dy, W), dy)).time())
     ratio = (perf.roofline(Counts(fwd)).time() + perf.roofline(Counts(bwd)).time()) / frozen
     assert ratio < 1.25
+
+
+def _gemm(name, M=4096, N=4096, K=4096, dtype=torch.bfloat16):
+    return Launch(name, 2 * M * N * K, 2 * (M * K + N * K + M * N), dtype, tensor_core=True, kind="matmul")
+
+
+def test_our_triton_gemms_run_at_the_efficiency_vendor_gemms_at_the_peak(monkeypatch):
+    monkeypatch.delenv("PYFASTPEFT_TRITON_EFFICIENCY", raising=False)
+    ours, vendor = _gemm("triton:lora_fwd"), _gemm("aten.mm")
+    t_vendor, _ = perf.launch_time(vendor)
+    for e in (0.65, 0.75, 1.0):
+        t_ours, bound = perf.launch_time(ours, triton_efficiency=e)
+        assert bound == "compute" and math.isclose(t_ours - 2e-6, (t_vendor - 2e-6) / e, rel_tol=1e-12)
+        assert perf.launch_time(vendor, triton_efficiency=e)[0] == t_vendor  # cuBLAS is never scaled
+    assert perf.launch_time(ours)[0] == perf.launch_time(ours, triton_efficiency=perf.TRITON_EFFICIENCY)[0]
+    # a memory-bound launch of ours (fp32 or not tensor-core) is not scaled
+    mem = Launch("triton:gate", 10, 10**9, torch.float32)
+    assert perf.launch_time(mem, triton_efficiency=0.5) == perf.launch_time(mem, triton_efficiency=1.0)
+    assert "0.75 of cuBLAS" in perf.roofline(Counts([ours])).label
+
+
+def test_efficiency_from_the_environment(monkeypatch):
+    ours = Counts([_gemm("triton:x")])
+    monkeypatch.setenv("PYFASTPEFT_TRITON_EFFICIENCY", "0.9")
+    assert perf.roofline(ours).time() == perf.roofline(ours, triton_efficiency=0.9).time()
+    for bad in ("abc", "0", "-1", "3"):
+        monkeypatch.setenv("PYFASTPEFT_TRITON_EFFICIENCY", bad)
+        with pytest.raises(ValueError, match="PYFASTPEFT_TRITON_EFFICIENCY"):
+            perf.roofline(ours)
+
+
+def test_break_even():
+    ours = Counts([_gemm("triton:fused")])
+    vendor_s = perf.roofline(Counts([_gemm("aten.mm")])).time()
+    be = perf.break_even(ours, vendor_s * 1.25)
+    assert math.isclose(perf.roofline(ours, triton_efficiency=be).time(), vendor_s * 1.25, rel_tol=1e-9)
+    assert 0.79 < be < 0.81  # 1 / 1.25 of the rate, less the launch overhead's share
+    assert perf.break_even(ours, vendor_s * 0.4) is None  # loses even at twice cuBLAS's rate
+    assert perf.break_even(Counts([_gemm("aten.mm")]), vendor_s) == 0.0  # no Triton GEMM: wins at any e
