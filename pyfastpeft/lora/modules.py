@@ -37,7 +37,7 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, *, dropout: float = 0.0,
-                 use_rslora: bool = False, backend: Optional[str] = None):
+                 use_rslora: bool = False, lora_bias: bool = False, backend: Optional[str] = None):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
@@ -55,16 +55,23 @@ class LoRALinear(nn.Module):
         self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
         w = base_layer.weight
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=w.device, dtype=w.dtype)
-        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=bool(lora_bias), device=w.device, dtype=w.dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init_lora_weights=True
         nn.init.zeros_(self.lora_B.weight)
+        if lora_bias:  # PEFT's lora_bias=True: a trained bias on lora_B, zero at init, scaled like B A x
+            nn.init.zeros_(self.lora_B.bias)
         self.backend = _check_name(backend, "LoRALinear.backend")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float, *, dropout: float = 0.0,
-                    use_rslora: bool = False) -> "LoRALinear":
-        """Wrap ``linear`` (kept, frozen) with a fresh LoRA adapter."""
-        return cls(linear, r, alpha, dropout=dropout, use_rslora=use_rslora)
+                    use_rslora: bool = False, lora_bias: bool = False) -> "LoRALinear":
+        """Wrap ``linear`` (kept, frozen) with a fresh LoRA adapter (``lora_bias``: PEFT's option of that name)."""
+        return cls(linear, r, alpha, dropout=dropout, use_rslora=use_rslora, lora_bias=lora_bias)
+
+    @property
+    def lora_bias(self) -> bool:
+        """PEFT's ``lora_bias``: ``lora_B`` has a trained bias (``y += scale · b_B``)."""
+        return self.lora_B.bias is not None
 
     @classmethod
     def from_peft(cls, peft_layer, adapter_name: Optional[str] = None) -> "LoRALinear":
@@ -77,24 +84,40 @@ class LoRALinear(nn.Module):
             raise ValueError("from_peft: DoRA adapters are not LoRA; LoRALinear cannot represent them")
         if getattr(peft_layer, "merged", False):
             raise ValueError("from_peft: the PEFT layer is merged; unmerge it first")
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"from_peft: LoRA on {type(base).__name__} is not supported by {cls.__name__} "
+                             "(nn.Linear only)")
         r = peft_layer.r[name]
         drop = peft_layer.lora_dropout[name]
         p = drop.p if isinstance(drop, nn.Dropout) else 0.0
-        layer = cls(base, r, peft_layer.lora_alpha[name], dropout=p, use_rslora=False)
+        has_bias = peft_layer.lora_B[name].bias is not None
+        if has_bias and cls is not LoRALinear:
+            raise ValueError(f"from_peft: lora_bias=True (a trained bias on lora_B) is not supported by {cls.__name__}")
+        extra = {"lora_bias": True} if has_bias else {}
+        layer = cls(base, r, peft_layer.lora_alpha[name], dropout=p, use_rslora=False, **extra)
+        dtype = peft_layer.lora_A[name].weight.dtype  # PEFT keeps fp32 adapters on a bf16/fp16 base by default
+        if dtype != layer.lora_A.weight.dtype:
+            layer.lora_A.to(dtype)
+            layer.lora_B.to(dtype)
         layer.scaling = float(peft_layer.scaling[name])  # carries rsLoRA / rank patterns exactly
         layer.use_rslora = not math.isclose(layer.scaling, layer.alpha / r)
         with torch.no_grad():
             layer.lora_A.weight.copy_(peft_layer.lora_A[name].weight)
             layer.lora_B.weight.copy_(peft_layer.lora_B[name].weight)
+            if has_bias:
+                layer.lora_B.bias.copy_(peft_layer.lora_B[name].bias)
         return layer
 
     def adapter_config(self) -> dict:
         """JSON-serialisable kwargs of :meth:`from_linear` that rebuild this adapter on the same base layer."""
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "use_rslora": self.use_rslora}
+        cfg = {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "use_rslora": self.use_rslora}
+        return {**cfg, "lora_bias": True} if self.lora_B.bias is not None else cfg
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight,
-                           self.scaling, dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        y = lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight,
+                        self.scaling, dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        bB = self.lora_B.bias
+        return y if bB is None else y + (self.scaling * bB).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """``scale · B A`` in fp32 then cast to the base weight's dtype."""
@@ -105,11 +128,13 @@ class LoRALinear(nn.Module):
     def merged(self) -> nn.Linear:
         """A new plain ``nn.Linear`` equal to this layer in eval mode (the base layer is not modified)."""
         base = self.base_layer
-        out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+        bB = self.lora_B.bias  # PEFT's lora_bias: the merged layer has a bias even when the base has none
+        out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None or bB is not None,
                         device=base.weight.device, dtype=base.weight.dtype)
         out.weight.copy_(base.weight.float() + self.delta_weight().float())
-        if base.bias is not None:
-            out.bias.copy_(base.bias)
+        if out.bias is not None:
+            b = base.bias.float() if base.bias is not None else torch.zeros(base.out_features, device=out.bias.device)
+            out.bias.copy_(b if bB is None else b + self.scaling * bB.float())
         return out
 
     def extra_repr(self) -> str:
