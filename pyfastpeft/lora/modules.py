@@ -76,8 +76,18 @@ class LoRALinear(nn.Module):
     @classmethod
     def from_peft(cls, peft_layer, adapter_name: Optional[str] = None) -> "LoRALinear":
         """Same base layer and the same adapter weights as a PEFT ``lora.Linear`` (one active adapter)."""
+        if isinstance(peft_layer, LoRALinear):
+            raise ValueError(f"from_peft: the layer is already a pyfastpeft {type(peft_layer).__name__}, not a PEFT "
+                             "layer; nothing to convert")
+        if not callable(getattr(peft_layer, "get_base_layer", None)) or not hasattr(peft_layer, "lora_A"):
+            raise ValueError(f"from_peft: expected a PEFT LoRA layer (peft.tuners.lora.Linear), got "
+                             f"{type(peft_layer).__module__}.{type(peft_layer).__name__}")
         name = adapter_name or peft_layer.active_adapters[0]
         base = peft_layer.get_base_layer()
+        variant = getattr(peft_layer, "lora_variant", {}).get(name)
+        if variant is not None and not getattr(peft_layer, "use_dora", {}).get(name, False):
+            raise ValueError(f"from_peft: the PEFT layer uses the LoRA variant {type(variant).__name__}, which "
+                             f"{cls.__name__} cannot represent")
         if getattr(peft_layer, "fan_in_fan_out", False):
             raise ValueError("from_peft: fan_in_fan_out=True (Conv1D bases) is not supported by LoRALinear")
         if getattr(peft_layer, "use_dora", {}).get(name, False):

@@ -38,6 +38,12 @@ def _freeze(layer: nn.Module) -> None:
 
 
 def _peft_adapter(peft_layer, adapter_name: Optional[str], table: str) -> str:
+    if isinstance(peft_layer, (OFTLinear, PSOFTLinear)):
+        raise ValueError(f"from_peft: the layer is already a pyfastpeft {type(peft_layer).__name__}, not a PEFT "
+                         "layer; nothing to convert")
+    if not callable(getattr(peft_layer, "get_base_layer", None)) or not hasattr(peft_layer, table):
+        raise ValueError(f"from_peft: expected a PEFT layer with {table}, got "
+                         f"{type(peft_layer).__module__}.{type(peft_layer).__name__}")
     if getattr(peft_layer, "merged", False):
         raise ValueError("from_peft: the PEFT layer is merged; unmerge it first")
     if getattr(peft_layer, "fan_in_fan_out", False):

@@ -40,9 +40,9 @@ def modules_to_save_of(model: nn.Module) -> List[str]:
     return [n for n in model.__dict__.get(MODULES_TO_SAVE_ATTR, []) if n in mods]
 
 
-def _set_modules_to_save(model: nn.Module, names) -> None:
-    """Record ``names`` as modules to save (keeping a frozen copy of each as it is now, the base model's module
-    that :func:`~pyfastpeft.disable_adapters` puts back) and make their parameters train."""
+def _set_modules_to_save(model: nn.Module, names, originals_given: Optional[Dict[str, nn.Module]] = None) -> None:
+    """Record ``names`` as modules to save, keeping a frozen copy of each as it is now (or ``originals_given``):
+    the base model's module that :func:`~pyfastpeft.disable_adapters` puts back."""
     import copy
 
     mods = dict(model.named_modules())
@@ -52,7 +52,8 @@ def _set_modules_to_save(model: nn.Module, names) -> None:
         if n not in have:
             have.append(n)
         if n not in originals:
-            originals[n] = copy.deepcopy(mods[n]).requires_grad_(False)
+            given = (originals_given or {}).get(n)
+            originals[n] = (given if given is not None else copy.deepcopy(mods[n])).requires_grad_(False)
     model.__dict__[MODULES_TO_SAVE_ATTR] = have
     model.__dict__[ORIGINALS_ATTR] = originals
 
