@@ -95,7 +95,13 @@ def from_peft(peft_model: nn.Module, *, gated: bool = False, adapter_name: Optio
             plan.append((name, mod, "merge"))
             continue
         method = "gated_lora" if gated and kind == "lora" else kind
-        cls = classes[method] = _peft_class(method)
+        base = mod.get_base_layer() if callable(getattr(mod, "get_base_layer", None)) else None
+        b = METHODS[method].builder_for(base) if base is not None else None
+        if b is None and method == "gated_lora":
+            raise ValueError(f"from_peft: module {name!r}: gated=True needs an nn.Linear base, got "
+                             f"{type(base).__name__}")
+        cls = classes[name] = b.cls if b is not None and callable(getattr(b.cls, "from_peft", None)) \
+            else _peft_class(method)
         if not callable(getattr(cls, "from_peft", None)):
             raise ValueError(f"from_peft: module {name!r} is a PEFT {kind.upper()} layer, but "
                              f"pyfastpeft.nn.{cls.__name__}.from_peft is not available in this install")
@@ -119,7 +125,7 @@ def from_peft(peft_model: nn.Module, *, gated: bool = False, adapter_name: Optio
             new = mod.get_base_layer()
             new.requires_grad_(False)
         else:
-            cls = classes[what]
+            cls = classes[name]
             kw = {"adapter_name": adapter_name} if adapter_name is not None else {}
             try:
                 new = cls.from_peft(mod, **kw)

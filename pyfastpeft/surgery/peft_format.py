@@ -38,10 +38,10 @@ class NotRepresentable(ValueError):
 
 def peft_type_of(module: nn.Module) -> Optional[str]:
     """``"LORA"``, ``"OFT"`` or ``"PSOFT"`` for a layer PEFT has (exact class), else ``None``."""
-    from pyfastpeft.lora.modules import LoRALinear
+    from pyfastpeft.lora.modules import LoRAConv2d, LoRALinear
     from pyfastpeft.orthogonal.modules import OFTLinear, PSOFTLinear
 
-    return {LoRALinear: "LORA", OFTLinear: "OFT", PSOFTLinear: "PSOFT"}.get(type(module))
+    return {LoRALinear: "LORA", LoRAConv2d: "LORA", OFTLinear: "OFT", PSOFTLinear: "PSOFT"}.get(type(module))
 
 
 def export_entry(module: nn.Module) -> Tuple[str, Dict[str, Any], Dict[str, Any], Dict[str, torch.Tensor]]:
@@ -52,8 +52,13 @@ def export_entry(module: nn.Module) -> Tuple[str, Dict[str, Any], Dict[str, Any]
     kind = peft_type_of(module)
     if kind is None:
         raise NotRepresentable(f"{type(module).__name__} is not a method PEFT has")
-    if not isinstance(getattr(module, "base_layer", None), nn.Linear):
-        raise NotRepresentable(f"the base layer is a {type(module.base_layer).__name__}")
+    base = getattr(module, "base_layer", None)
+    if isinstance(base, nn.Conv2d) and kind == "LORA":
+        if tuple(base.dilation) != (1, 1) or base.padding_mode != "zeros":
+            raise NotRepresentable(f"PEFT's LoRA Conv2d has no dilation or padding mode for lora_A (the conv has "
+                                   f"dilation={tuple(base.dilation)}, padding_mode={base.padding_mode!r})")
+    elif not isinstance(base, nn.Linear):
+        raise NotRepresentable(f"the base layer is a {type(base).__name__}")
     if kind == "LORA":
         import math
 
@@ -185,7 +190,7 @@ def module_kwargs(kind: str, cfg: Dict[str, Any], name: str, base: nn.Module, wh
                 "eps": float(g("eps", 6e-5)), "block_share": bool(g("block_share", False))}
     neumann = bool(g("use_cayley_neumann", False))
     eps = g("cayley_neumann_eps")
-    return {"r": int(g("r", 8)), "alpha": float(g("psoft_alpha", 32)), "method": "neumann" if neumann else "exact",
+    return {"r": int(g("r", 32)), "alpha": float(g("psoft_alpha", 32)), "method": "neumann" if neumann else "exact",
             "terms": int(g("num_cayley_neumann_terms", 5)), "eps": None if eps is None or not neumann else float(eps),
             "vectors": (bool(g("psoft_mag_a", True)), bool(g("psoft_mag_b", True))), "svd": g("psoft_svd", "full"),
             "init": g("ab_svd_init", "psoft_init"), "seed": int(g("random_seed", 0)),
