@@ -100,8 +100,7 @@ def from_peft(peft_model: nn.Module, *, gated: bool = False, adapter_name: Optio
         if b is None and method == "gated_lora":
             raise ValueError(f"from_peft: module {name!r}: gated=True needs an nn.Linear base, got "
                              f"{type(base).__name__}")
-        cls = classes[name] = b.cls if b is not None and callable(getattr(b.cls, "from_peft", None)) \
-            else _peft_class(method)
+        cls = classes[name] = b.cls if b is not None else _peft_class(method)
         if not callable(getattr(cls, "from_peft", None)):
             raise ValueError(f"from_peft: module {name!r} is a PEFT {kind.upper()} layer, but "
                              f"pyfastpeft.nn.{cls.__name__}.from_peft is not available in this install")
