@@ -98,3 +98,45 @@ def test_gated_checkpoint_in_our_format(tmp_path):
     x = example_input("llama")
     with torch.no_grad():
         assert torch.equal(logits(fresh, x), logits(model.eval(), x))
+
+
+class _Labels(torch.utils.data.Dataset):
+    def __init__(self, n=8):
+        g = torch.Generator().manual_seed(12)
+        self.ids = torch.randint(0, VOCAB, (n, 10), generator=g)
+        self.y = torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.y[i]}
+
+
+def _bert():
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def test_bert_classifier_head_travels_with_the_checkpoint(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = pfp.inject(_bert(), "lora", target_modules=["query", "value"], modules_to_save=["classifier"], r=4,
+                       alpha=8, backend="torch")
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, save_steps=2, learning_rate=1e-2,
+                                          per_device_train_batch_size=4, report_to=[], use_cpu=True)
+    transformers.Trainer(model=model, args=args, train_dataset=_Labels(),
+                         callbacks=[integrations.AdapterCallback()]).train()
+    head = model.classifier.weight.detach().clone()
+    assert not torch.equal(head, _bert().classifier.weight)  # the head trained
+    ck = tmp_path / "checkpoint-2"
+    x = _Labels().ids[:2]
+    model.eval()
+    fresh = pfp.load_adapter(_bert(), ck, backend="torch")
+    assert torch.equal(fresh.classifier.weight, head)
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+        assert torch.equal(fresh(input_ids=x).logits, want)
+        assert_rel_close("PEFT on the BERT checkpoint", peft.PeftModel.from_pretrained(_bert(), ck).eval()(
+            input_ids=x).logits, want)
