@@ -39,6 +39,10 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("pyfastpeft.tools.perf")
+    if name == "integrations":  # needs transformers: imported on first use
+        import importlib
+
+        return importlib.import_module("pyfastpeft.integrations")
     raise AttributeError(f"module 'pyfastpeft' has no attribute {name!r}")
 
 
