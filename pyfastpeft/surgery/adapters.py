@@ -9,7 +9,7 @@ Two formats, side by side in one directory:
 * **pyfastpeft's** (``pyfastpeft_adapter.json`` + ``pyfastpeft_adapter.safetensors``) for the others (gated
   LoRA, atoms, filter blocks), or for everything with ``format="pyfastpeft"``.
 
-Directories written by pyfastpeft < 0.x (our schema under PEFT's file names) still load.
+Directories written before format_version 2 (our schema under PEFT's file names) still load.
 """
 from __future__ import annotations
 

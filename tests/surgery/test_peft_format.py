@@ -273,3 +273,19 @@ def test_from_peft_dora_is_an_error():
     pm = peft.get_peft_model(_Net(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1"], use_dora=True))
     with pytest.raises(ValueError, match="DoRA"):
         pfp.from_peft(pm)
+
+
+def test_directory_of_format_version_1_still_loads(tmp_path):
+    """Before format_version 2 our schema was written under PEFT's file names."""
+    model = pfp.inject(tiny_llama(), "gated_lora", target_modules=["q_proj"], r=4, alpha=8, tau_init=0.01,
+                       backend="torch")
+    perturb_adapters(model)
+    pfp.save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    cfg["format_version"] = 1
+    del cfg["modules_to_save"]
+    (tmp_path / PEFT_CONFIG_NAME).write_text(json.dumps(cfg))
+    (tmp_path / WEIGHTS_NAME).rename(tmp_path / PEFT_WEIGHTS_NAME)
+    (tmp_path / CONFIG_NAME).unlink()
+    fresh = pfp.load_adapter(tiny_llama(), tmp_path)
+    assert torch.equal(_out(fresh), _out(model))
