@@ -20,8 +20,8 @@ from pyfastpeft import nn, reference, subtractive  # noqa: E402,F401
 from pyfastpeft.core.backend import (ORDER, REGISTRIES, BackendUnavailable, Decision, last_backend,  # noqa: E402,F401
                                      use_backend)
 from pyfastpeft.core.info import available_backends, backend_info, format_backend_info  # noqa: E402
-from pyfastpeft.surgery import (from_peft, inject, load_adapter, merge_and_unload, save_adapter,  # noqa: E402
-                                summary)
+from pyfastpeft.surgery import (disable_adapters, from_peft, inject, load_adapter, merge_and_unload,  # noqa: E402
+                                save_adapter, summary, unload)
 
 _OPS = _families.ops()
 globals().update({name: op.fn for name, op in _OPS.items() if op.top_level})
@@ -29,7 +29,8 @@ globals().update(_families.exports())
 
 __all__ = ["__version__", "nn", "reference", "subtractive", "perf", "backend_info", "format_backend_info", "explain",
            "available_backends", "use_backend", "last_backend", "BackendUnavailable",
-           "inject", "from_peft", "merge_and_unload", "save_adapter", "load_adapter", "summary"]
+           "inject", "from_peft", "merge_and_unload", "unload", "disable_adapters", "save_adapter", "load_adapter",
+           "summary"]
 __all__ += [name for name, op in _OPS.items() if op.top_level] + list(_families.exports())
 
 
@@ -38,6 +39,10 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("pyfastpeft.tools.perf")
+    if name == "integrations":  # needs transformers: imported on first use
+        import importlib
+
+        return importlib.import_module("pyfastpeft.integrations")
     raise AttributeError(f"module 'pyfastpeft' has no attribute {name!r}")
 
 

@@ -8,7 +8,7 @@ from torch import nn
 from pyfastpeft.core.family import Builder, Family, Method, Op
 from pyfastpeft.lora import gated_lora_linear as _gated
 from pyfastpeft.lora import lora_linear as _lora
-from pyfastpeft.lora.modules import GatedLoRALinear, LoRALinear, gate_loss
+from pyfastpeft.lora.modules import GatedLoRALinear, LoRAConv2d, LoRALinear, gate_loss
 from pyfastpeft.lora.reference import gated_lora_linear_ref, lora_linear_ref
 
 FAMILY = Family(
@@ -17,9 +17,10 @@ FAMILY = Family(
     doc="docs/token_selective.md",
     ops=(Op("lora_linear", _lora.lora_linear, _lora.explain_args, lora_linear_ref),
          Op("gated_lora_linear", _gated.gated_lora_linear, _gated.explain_args, gated_lora_linear_ref)),
-    modules=(LoRALinear, GatedLoRALinear),
+    modules=(LoRALinear, GatedLoRALinear, LoRAConv2d),
     methods=(
-        Method("lora", (Builder(nn.Linear, LoRALinear, "from_linear"),), peft_layers=(("lora", "Linear"),),
+        Method("lora", (Builder(nn.Linear, LoRALinear, "from_linear"), Builder(nn.Conv2d, LoRAConv2d, "from_conv")),
+               peft_layers=(("lora", "Linear"), ("lora", "Conv2d")),
                demo=dict(r=8, alpha=16), peft_config=("LoraConfig", dict(r=8, lora_alpha=16))),
         Method("gated_lora", (Builder(nn.Linear, GatedLoRALinear, "from_linear"),), demo=dict(r=8, alpha=16)),
     ),

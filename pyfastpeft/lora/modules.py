@@ -8,6 +8,8 @@ with rsLoRA), dropout on the input of A only, the base layer's own bias, A Kaimi
 init. Parameter names ``base_layer``, ``lora_A.weight``, ``lora_B.weight`` mirror PEFT's per-adapter
 layout so :meth:`from_peft` / :meth:`to_peft_state` map one to one.
 
+``LoRAConv2d``: PEFT's ``lora.Conv2d`` on an ``nn.Conv2d`` base (any kernel, stride, dilation, groups).
+
 ``GatedLoRALinear``: token-selective LoRA (TS-PEFT) on an ``nn.Linear`` base layer.
 
 LoRA as :class:`~pyfastpeft.nn.LoRALinear` (same parameters, PEFT's init), plus a learnable scalar
@@ -37,7 +39,7 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, *, dropout: float = 0.0,
-                 use_rslora: bool = False, backend: Optional[str] = None):
+                 use_rslora: bool = False, lora_bias: bool = False, backend: Optional[str] = None):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
@@ -55,46 +57,79 @@ class LoRALinear(nn.Module):
         self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
         w = base_layer.weight
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=w.device, dtype=w.dtype)
-        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=bool(lora_bias), device=w.device, dtype=w.dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init_lora_weights=True
         nn.init.zeros_(self.lora_B.weight)
+        if lora_bias:  # PEFT's lora_bias=True: a trained bias on lora_B, zero at init, scaled like B A x
+            nn.init.zeros_(self.lora_B.bias)
         self.backend = _check_name(backend, "LoRALinear.backend")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float, *, dropout: float = 0.0,
-                    use_rslora: bool = False) -> "LoRALinear":
-        """Wrap ``linear`` (kept, frozen) with a fresh LoRA adapter."""
-        return cls(linear, r, alpha, dropout=dropout, use_rslora=use_rslora)
+                    use_rslora: bool = False, lora_bias: bool = False) -> "LoRALinear":
+        """Wrap ``linear`` (kept, frozen) with a fresh LoRA adapter (``lora_bias``: PEFT's option of that name)."""
+        return cls(linear, r, alpha, dropout=dropout, use_rslora=use_rslora, lora_bias=lora_bias)
+
+    @property
+    def lora_bias(self) -> bool:
+        """PEFT's ``lora_bias``: ``lora_B`` has a trained bias (``y += scale · b_B``)."""
+        return self.lora_B.bias is not None
 
     @classmethod
     def from_peft(cls, peft_layer, adapter_name: Optional[str] = None) -> "LoRALinear":
         """Same base layer and the same adapter weights as a PEFT ``lora.Linear`` (one active adapter)."""
+        if isinstance(peft_layer, LoRALinear):
+            raise ValueError(f"from_peft: the layer is already a pyfastpeft {type(peft_layer).__name__}, not a PEFT "
+                             "layer; nothing to convert")
+        if not callable(getattr(peft_layer, "get_base_layer", None)) or not hasattr(peft_layer, "lora_A"):
+            raise ValueError(f"from_peft: expected a PEFT LoRA layer (peft.tuners.lora.Linear), got "
+                             f"{type(peft_layer).__module__}.{type(peft_layer).__name__}")
         name = adapter_name or peft_layer.active_adapters[0]
         base = peft_layer.get_base_layer()
+        variant = getattr(peft_layer, "lora_variant", {}).get(name)
+        if variant is not None and not getattr(peft_layer, "use_dora", {}).get(name, False):
+            raise ValueError(f"from_peft: the PEFT layer uses the LoRA variant {type(variant).__name__}, which "
+                             f"{cls.__name__} cannot represent")
         if getattr(peft_layer, "fan_in_fan_out", False):
             raise ValueError("from_peft: fan_in_fan_out=True (Conv1D bases) is not supported by LoRALinear")
         if getattr(peft_layer, "use_dora", {}).get(name, False):
             raise ValueError("from_peft: DoRA adapters are not LoRA; LoRALinear cannot represent them")
         if getattr(peft_layer, "merged", False):
             raise ValueError("from_peft: the PEFT layer is merged; unmerge it first")
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"from_peft: LoRA on {type(base).__name__} is not supported by {cls.__name__} "
+                             "(nn.Linear only)")
         r = peft_layer.r[name]
         drop = peft_layer.lora_dropout[name]
         p = drop.p if isinstance(drop, nn.Dropout) else 0.0
-        layer = cls(base, r, peft_layer.lora_alpha[name], dropout=p, use_rslora=False)
+        has_bias = peft_layer.lora_B[name].bias is not None
+        if has_bias and cls is not LoRALinear:
+            raise ValueError(f"from_peft: lora_bias=True (a trained bias on lora_B) is not supported by {cls.__name__}")
+        extra = {"lora_bias": True} if has_bias else {}
+        layer = cls(base, r, peft_layer.lora_alpha[name], dropout=p, use_rslora=False, **extra)
+        dtype = peft_layer.lora_A[name].weight.dtype  # PEFT keeps fp32 adapters on a bf16/fp16 base by default
+        if dtype != layer.lora_A.weight.dtype:
+            layer.lora_A.to(dtype)
+            layer.lora_B.to(dtype)
         layer.scaling = float(peft_layer.scaling[name])  # carries rsLoRA / rank patterns exactly
         layer.use_rslora = not math.isclose(layer.scaling, layer.alpha / r)
         with torch.no_grad():
             layer.lora_A.weight.copy_(peft_layer.lora_A[name].weight)
             layer.lora_B.weight.copy_(peft_layer.lora_B[name].weight)
+            if has_bias:
+                layer.lora_B.bias.copy_(peft_layer.lora_B[name].bias)
         return layer
 
     def adapter_config(self) -> dict:
         """JSON-serialisable kwargs of :meth:`from_linear` that rebuild this adapter on the same base layer."""
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "use_rslora": self.use_rslora}
+        cfg = {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "use_rslora": self.use_rslora}
+        return {**cfg, "lora_bias": True} if self.lora_B.bias is not None else cfg
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight,
-                           self.scaling, dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        y = lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight,
+                        self.scaling, dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        bB = self.lora_B.bias
+        return y if bB is None else y + (self.scaling * bB).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """``scale · B A`` in fp32 then cast to the base weight's dtype."""
@@ -105,17 +140,157 @@ class LoRALinear(nn.Module):
     def merged(self) -> nn.Linear:
         """A new plain ``nn.Linear`` equal to this layer in eval mode (the base layer is not modified)."""
         base = self.base_layer
-        out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+        bB = self.lora_B.bias  # PEFT's lora_bias: the merged layer has a bias even when the base has none
+        out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None or bB is not None,
                         device=base.weight.device, dtype=base.weight.dtype)
         out.weight.copy_(base.weight.float() + self.delta_weight().float())
-        if base.bias is not None:
-            out.bias.copy_(base.bias)
+        if out.bias is not None:
+            b = base.bias.float() if base.bias is not None else torch.zeros(base.out_features, device=out.bias.device)
+            out.bias.copy_(b if bB is None else b + self.scaling * bB.float())
         return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.base_layer.in_features}, out_features={self.base_layer.out_features}, "
                 f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
                 f"rslora={self.use_rslora}, backend={self.backend or 'auto'}")
+
+
+class LoRAConv2d(nn.Module):
+    """LoRA on an ``nn.Conv2d``, PEFT's ``lora.Conv2d`` maths: ``y = base(x) + scale · lora_B(lora_A(dropout(x)))``.
+
+    ``lora_A`` is a ``Conv2d(C_in, r)`` with the base's kernel size, stride, padding, dilation and padding mode;
+    ``lora_B`` a ``1×1`` ``Conv2d(r, C_out, groups=base.groups)`` (``r`` divisible by ``groups``), with PEFT's
+    optional ``lora_bias``. Init as PEFT (A Kaiming-uniform, B zero). Pure PyTorch (cuDNN/oneDNN convs):
+    there is no fused kernel for convolutions, so ``backend`` may only be ``None`` or ``"torch"``.
+    :meth:`merged` folds the update into one ``nn.Conv2d`` (``groups == 1``; with groups the product of a full
+    ``lora_A`` and a grouped ``lora_B`` is not a grouped kernel, and merging raises).
+    """
+
+    def __init__(self, base_layer: nn.Conv2d, r: int, alpha: float, *, dropout: float = 0.0,
+                 use_rslora: bool = False, lora_bias: bool = False, backend: Optional[str] = None):
+        super().__init__()
+        if not isinstance(base_layer, nn.Conv2d):
+            raise TypeError(f"base_layer must be an nn.Conv2d, got {type(base_layer).__name__}")
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        g = base_layer.groups
+        if r % g:
+            raise ValueError(f"r={r} must be divisible by the conv's groups={g} (lora_B is a grouped 1x1 conv)")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.r, self.alpha, self.use_rslora, self.dropout = r, float(alpha), bool(use_rslora), float(dropout)
+        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
+        w = base_layer.weight
+        b = base_layer
+        self.lora_A = nn.Conv2d(b.in_channels, r, b.kernel_size, b.stride, b.padding, b.dilation, bias=False,
+                                padding_mode=b.padding_mode, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Conv2d(r, b.out_channels, 1, 1, groups=g, bias=bool(lora_bias), device=w.device,
+                                dtype=w.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init_lora_weights=True
+        nn.init.zeros_(self.lora_B.weight)
+        if lora_bias:
+            nn.init.zeros_(self.lora_B.bias)
+        self.backend = backend
+
+    @property
+    def backend(self) -> Optional[str]:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: Optional[str]) -> None:
+        if value not in (None, "torch"):
+            raise ValueError(f"LoRAConv2d.backend must be None or 'torch' (no fused conv kernel), got {value!r}")
+        self._backend = value
+
+    @property
+    def lora_bias(self) -> bool:
+        return self.lora_B.bias is not None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
+                  lora_bias: bool = False) -> "LoRAConv2d":
+        """Wrap ``conv`` (kept, frozen) with a fresh LoRA adapter."""
+        return cls(conv, r, alpha, dropout=dropout, use_rslora=use_rslora, lora_bias=lora_bias)
+
+    @classmethod
+    def from_peft(cls, peft_layer, adapter_name: Optional[str] = None) -> "LoRAConv2d":
+        """Same base conv and adapter weights (in PEFT's dtype) as a PEFT ``lora.Conv2d`` (one adapter)."""
+        if isinstance(peft_layer, (LoRAConv2d, LoRALinear)):
+            raise ValueError(f"from_peft: the layer is already a pyfastpeft {type(peft_layer).__name__}, not a PEFT "
+                             "layer; nothing to convert")
+        if not callable(getattr(peft_layer, "get_base_layer", None)) or not hasattr(peft_layer, "lora_A"):
+            raise ValueError(f"from_peft: expected a PEFT LoRA Conv2d layer, got {type(peft_layer).__name__}")
+        name = adapter_name or peft_layer.active_adapters[0]
+        base = peft_layer.get_base_layer()
+        if not isinstance(base, nn.Conv2d):
+            raise ValueError(f"from_peft: {cls.__name__} needs an nn.Conv2d base, got {type(base).__name__}")
+        if getattr(peft_layer, "use_dora", {}).get(name, False):
+            raise ValueError("from_peft: DoRA adapters are not LoRA; LoRAConv2d cannot represent them")
+        if getattr(peft_layer, "lora_variant", {}).get(name) is not None:
+            raise ValueError("from_peft: the PEFT layer uses a LoRA variant LoRAConv2d cannot represent")
+        if getattr(peft_layer, "merged", False):
+            raise ValueError("from_peft: the PEFT layer is merged; unmerge it first")
+        A, B = peft_layer.lora_A[name], peft_layer.lora_B[name]
+        if tuple(A.dilation) != tuple(base.dilation) or A.padding_mode != base.padding_mode:
+            raise ValueError(f"from_peft: PEFT's lora_A has dilation {A.dilation} / padding_mode {A.padding_mode!r} "
+                             f"but the base conv {base.dilation} / {base.padding_mode!r}; LoRAConv2d follows the base")
+        drop = peft_layer.lora_dropout[name]
+        p = drop.p if isinstance(drop, nn.Dropout) else 0.0
+        layer = cls(base, int(peft_layer.r[name]), peft_layer.lora_alpha[name], dropout=p,
+                    lora_bias=B.bias is not None)
+        layer.scaling = float(peft_layer.scaling[name])
+        layer.use_rslora = not math.isclose(layer.scaling, layer.alpha / layer.r)
+        if A.weight.dtype != layer.lora_A.weight.dtype:
+            layer.lora_A.to(A.weight.dtype)
+            layer.lora_B.to(A.weight.dtype)
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(A.weight)
+            layer.lora_B.weight.copy_(B.weight)
+            if B.bias is not None:
+                layer.lora_B.bias.copy_(B.bias)
+        return layer
+
+    def adapter_config(self) -> dict:
+        """JSON-serialisable kwargs of :meth:`from_conv` that rebuild this adapter on the same base conv."""
+        cfg = {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "use_rslora": self.use_rslora}
+        return {**cfg, "lora_bias": True} if self.lora_bias else cfg
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        h = nn.functional.dropout(x, self.dropout, self.training) if self.dropout else x
+        a = self.lora_A.weight.dtype
+        return y + (self.lora_B(self.lora_A(h.to(a))) * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scale · B ∘ A`` as a kernel ``(C_out, C_in, kh, kw)`` in fp32 (``groups == 1``)."""
+        if self.base_layer.groups != 1:
+            raise ValueError(f"cannot merge LoRA into a grouped conv (groups={self.base_layer.groups}): the full "
+                             "lora_A times the grouped lora_B is not a grouped kernel")
+        B = self.lora_B.weight.float()[:, :, 0, 0]
+        return self.scaling * torch.einsum("or,rikl->oikl", B, self.lora_A.weight.float())
+
+    @torch.no_grad()
+    def merged(self) -> nn.Conv2d:
+        """A new plain ``nn.Conv2d`` equal to this layer in eval mode (PEFT's merge; the base is not modified)."""
+        b = self.base_layer
+        d = self.delta_weight()
+        bB = self.lora_B.bias
+        out = nn.Conv2d(b.in_channels, b.out_channels, b.kernel_size, b.stride, b.padding, b.dilation, b.groups,
+                        bias=b.bias is not None or bB is not None, padding_mode=b.padding_mode,
+                        device=b.weight.device, dtype=b.weight.dtype)
+        out.weight.copy_(b.weight.float() + d)
+        if out.bias is not None:
+            bias = b.bias.float() if b.bias is not None else torch.zeros(b.out_channels, device=out.bias.device)
+            out.bias.copy_(bias if bB is None else bias + self.scaling * bB.float())
+        return out
+
+    def extra_repr(self) -> str:
+        b = self.base_layer
+        return (f"{b.in_channels}, {b.out_channels}, kernel_size={b.kernel_size}, groups={b.groups}, r={self.r}, "
+                f"alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, rslora={self.use_rslora}")
 
 
 class GatedLoRALinear(LoRALinear):

@@ -38,6 +38,12 @@ def _freeze(layer: nn.Module) -> None:
 
 
 def _peft_adapter(peft_layer, adapter_name: Optional[str], table: str) -> str:
+    if isinstance(peft_layer, (OFTLinear, PSOFTLinear)):
+        raise ValueError(f"from_peft: the layer is already a pyfastpeft {type(peft_layer).__name__}, not a PEFT "
+                         "layer; nothing to convert")
+    if not callable(getattr(peft_layer, "get_base_layer", None)) or not hasattr(peft_layer, table):
+        raise ValueError(f"from_peft: expected a PEFT layer with {table}, got "
+                         f"{type(peft_layer).__module__}.{type(peft_layer).__name__}")
     if getattr(peft_layer, "merged", False):
         raise ValueError("from_peft: the PEFT layer is merged; unmerge it first")
     if getattr(peft_layer, "fan_in_fan_out", False):
@@ -254,10 +260,12 @@ class PSOFTLinear(nn.Module):
     ``B (N, r)`` are frozen fp32 buffers from the SVD of ``W`` (persisted, unlike PEFT, so a saved adapter
     reloads bit for bit; PEFT checkpoints that lack them are rebuilt by the same deterministic SVD).
     ``psoft_v`` is PEFT's ``psoft_R.weight``; ``vector_a``/``vector_b`` its ``vector_a``/``vector_b``.
-    ``vectors``: ``True``/``False`` or a pair ``(vector_a, vector_b)``.
+    ``vectors``: ``True``/``False`` or a pair ``(vector_a, vector_b)``. Every default is PEFT's
+    (``r=32``, ``alpha=32``, exact Cayley, 5 Neumann terms, both vectors, full SVD, ``psoft_init``, seed 0).
     """
 
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, *, method: str = "exact", terms: int = 5,
+    def __init__(self, base_layer: nn.Linear, r: int = 32, alpha: float = 32.0, *, method: str = "exact",
+                 terms: int = 5,
                  eps: Optional[float] = None, vectors=True, svd: str = "full", init: str = "psoft_init",
                  seed: int = 0, niter: int = 10, backend: Optional[str] = None, _factors=None):
         super().__init__()
@@ -301,7 +309,8 @@ class PSOFTLinear(nn.Module):
         self.backend = _check_name(backend, "PSOFTLinear.backend")
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int, alpha: float, *, method: str = "exact", terms: int = 5,
+    def from_linear(cls, linear: nn.Linear, r: int = 32, alpha: float = 32.0, *, method: str = "exact",
+                    terms: int = 5,
                     eps: Optional[float] = None, vectors=True, svd: str = "full", init: str = "psoft_init",
                     seed: int = 0, niter: int = 10) -> "PSOFTLinear":
         """Wrap ``linear`` (kept, frozen) with a fresh PSOFT adapter (``Q = 0``, vectors 1: equals the base)."""

@@ -741,7 +741,8 @@ def fit(model: nn.Module, modules: Union[str, Sequence[str]], data: Iterable, *,
         feature_dim: ``None`` (auto: channels of 4-D maps, the last dim otherwise), ``-1`` or ``1``.
         freeze: set ``requires_grad=False`` on every parameter except the filter blocks' and the
             ``trainable`` modules' (the usual SFP setup: only the blocks, and a new head, train).
-        trainable: names (or name prefixes) of modules whose parameters stay trainable, e.g. ``["head"]``.
+        trainable: names (or name prefixes) of modules whose parameters stay trainable, e.g. ``["head"]``;
+            with ``freeze`` they become the model's ``modules_to_save`` (written by ``pfp.save_adapter``).
         backend: backend of the accumulation op (``"triton" | "torch" | None``).
         progress: show a progress bar (tqdm if installed, else a line on stderr); default: when stderr
             is a terminal.
@@ -794,6 +795,13 @@ def fit(model: nn.Module, modules: Union[str, Sequence[str]], data: Iterable, *,
         for blk in blocks:
             for p in blk.parameters():
                 p.requires_grad_(True)
+        if trainable:  # they train fully: pfp.save_adapter writes them with the blocks (PEFT's modules_to_save)
+            from pyfastpeft.surgery.injection import _set_modules_to_save
+
+            named = dict(model.named_modules())
+            keep = [n for n in named if n and any(n == t or (n.startswith(t + ".") and t not in named)
+                                                  for t in trainable)]
+            _set_modules_to_save(model, [n for n in keep if not any(n.startswith(o + ".") for o in keep)])
     return report
 
 

@@ -23,23 +23,26 @@ One module per concern, each importing only those before it:
 * :mod:`~pyfastpeft.surgery.methods`: the method table, :func:`is_adapter`, :func:`adapter_state_dict`;
 * :mod:`~pyfastpeft.surgery.match`: ``target_modules`` matching;
 * :mod:`~pyfastpeft.surgery.injection`: :func:`build_adapter`, :func:`inject`, freezing, :func:`summary`;
-* :mod:`~pyfastpeft.surgery.merge`: :func:`merge_and_unload`;
+* :mod:`~pyfastpeft.surgery.merge`: :func:`merge_and_unload`, :func:`unload`, :func:`disable_adapters`;
 * :mod:`~pyfastpeft.surgery.peft`: :func:`from_peft`;
+* :mod:`~pyfastpeft.surgery.peft_format`: PEFT's adapter format (config and key names), no ``peft`` import;
 * :mod:`~pyfastpeft.surgery.adapters`: :func:`save_adapter`, :func:`load_adapter` (adapter files).
 """
 from __future__ import annotations
 
 from pyfastpeft.core.family import Builder, Method
-from pyfastpeft.surgery.adapters import (CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME, load_adapter,
-                                         save_adapter)
+from pyfastpeft.surgery.adapters import (CONFIG_NAME, FORMAT, FORMAT_VERSION, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME,
+                                         WEIGHTS_NAME, load_adapter, save_adapter)
 from pyfastpeft.surgery.injection import Summary, build_adapter, inject, log, summary  # noqa: F401 (log: the old name)
 from pyfastpeft.surgery.match import ALL_LINEAR, TargetSpec, match_modules, output_head_names
-from pyfastpeft.surgery.merge import merge_and_unload
+from pyfastpeft.surgery.merge import disable_adapters, merge_and_unload, unload
 from pyfastpeft.surgery.methods import (METHODS, adapter_state_dict, available_methods, base_layer_of, is_adapter,
                                         method_of)
 from pyfastpeft.surgery.peft import from_peft
 
 __all__ = ["ALL_LINEAR", "TargetSpec", "Builder", "Method", "METHODS", "available_methods", "method_of",
            "is_adapter", "base_layer_of", "adapter_state_dict", "output_head_names", "match_modules",
-           "build_adapter", "inject", "Summary", "summary", "merge_and_unload", "from_peft", "FORMAT",
-           "FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME", "save_adapter", "load_adapter"]
+           "build_adapter", "inject", "Summary", "summary", "merge_and_unload", "unload", "disable_adapters",
+           "from_peft", "FORMAT",
+           "FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PEFT_CONFIG_NAME", "save_adapter",
+           "load_adapter"]

@@ -29,6 +29,35 @@ def _accepted(fn: Callable) -> Tuple[set, bool]:
     return {p.name for p in params}, any(p.kind is p.VAR_KEYWORD for p in params)
 
 
+MODULES_TO_SAVE_ATTR = "_pyfastpeft_modules_to_save"  # on the root model: module names that train fully
+ORIGINALS_ATTR = "_pyfastpeft_originals"  # on the root model: name -> frozen copy of the module before training
+
+
+def modules_to_save_of(model: nn.Module) -> List[str]:
+    """The names of ``model``'s ``modules_to_save`` (PEFT's meaning: they train fully and travel with the
+    adapter), as set by :func:`inject` or :func:`~pyfastpeft.load_adapter`."""
+    mods = dict(model.named_modules())
+    return [n for n in model.__dict__.get(MODULES_TO_SAVE_ATTR, []) if n in mods]
+
+
+def _set_modules_to_save(model: nn.Module, names, originals_given: Optional[Dict[str, nn.Module]] = None) -> None:
+    """Record ``names`` as modules to save, keeping a frozen copy of each as it is now (or ``originals_given``):
+    the base model's module that :func:`~pyfastpeft.disable_adapters` puts back."""
+    import copy
+
+    mods = dict(model.named_modules())
+    have = list(model.__dict__.get(MODULES_TO_SAVE_ATTR, []))
+    originals = dict(model.__dict__.get(ORIGINALS_ATTR, {}))
+    for n in names:
+        if n not in have:
+            have.append(n)
+        if n not in originals:
+            given = (originals_given or {}).get(n)
+            originals[n] = (given if given is not None else copy.deepcopy(mods[n])).requires_grad_(False)
+    model.__dict__[MODULES_TO_SAVE_ATTR] = have
+    model.__dict__[ORIGINALS_ATTR] = originals
+
+
 def _freeze_all_but_adapters(model: nn.Module) -> None:
     model.requires_grad_(False)
     for mod in model.modules():
@@ -36,6 +65,11 @@ def _freeze_all_but_adapters(model: nn.Module) -> None:
             for t in adapter_state_dict(mod).values():
                 if isinstance(t, nn.Parameter) and t.is_floating_point():
                     t.requires_grad_(True)
+    mods = dict(model.named_modules())
+    for n in modules_to_save_of(model):
+        for t in mods[n].parameters():
+            if t.is_floating_point():
+                t.requires_grad_(True)
 
 
 def build_adapter(method: str, layer: nn.Module, name: str = "", /, *, backend: Optional[str] = None,
@@ -77,8 +111,8 @@ def _check_kwargs(m: Method, kwargs: dict) -> None:
 
 
 def inject(model: nn.Module, method: str, /, *, target_modules: TargetSpec,
-           exclude_modules: Optional[TargetSpec] = None, backend: Optional[str] = None, verbose: bool = False,
-           **method_kwargs: Any) -> nn.Module:
+           exclude_modules: Optional[TargetSpec] = None, modules_to_save: Optional[TargetSpec] = None,
+           backend: Optional[str] = None, verbose: bool = False, **method_kwargs: Any) -> nn.Module:
     """Replace the layers ``target_modules`` selects by ``method``'s adapter, in place; freeze all else.
 
     Args:
@@ -88,6 +122,9 @@ def inject(model: nn.Module, method: str, /, *, target_modules: TargetSpec,
         target_modules: a list of name suffixes, a regex (``re.fullmatch`` on the full name) or
             ``"all-linear"`` (every ``nn.Linear`` but the output head); PEFT's meanings.
         exclude_modules: names to leave out (list of suffixes or a regex); wins over ``target_modules``.
+        modules_to_save: modules (list of name suffixes or a regex, e.g. ``["classifier"]``) that train
+            fully and are written by :func:`~pyfastpeft.save_adapter` with the adapters (PEFT's meaning: a
+            new classification head). They must not be adapter targets.
         backend: pin every new layer's backend (``None``: auto).
         verbose: print :func:`summary` (it is always logged at INFO on the ``pyfastpeft`` logger).
         **method_kwargs: the method's constructor arguments, e.g. ``r=8, alpha=16`` for LoRA. A method
@@ -108,6 +145,21 @@ def inject(model: nn.Module, method: str, /, *, target_modules: TargetSpec,
     _check_kwargs(m, method_kwargs)
     names = match_modules(model, target_modules, exclude_modules)
     modules = dict(model.named_modules())
+    save_names: List[str] = []
+    if modules_to_save is not None:
+        try:
+            save_names = match_modules(model, modules_to_save)
+        except ValueError as e:
+            raise ValueError(f"modules_to_save: {e}") from e
+        save_names = [n for n in save_names if not any(n.startswith(o + ".") for o in save_names)]
+        clash = sorted(set(save_names) & set(names))
+        inner = sorted(n for n in save_names for t in names if n != t and (t.startswith(n + ".")
+                                                                          or n.startswith(t + ".")))
+        if clash or inner:
+            raise ValueError(f"modules_to_save {clash or inner} overlap target_modules: a module either gets "
+                             "an adapter or trains fully, not both")
+        if not any(True for n in save_names for _ in modules[n].parameters()):
+            raise ValueError(f"modules_to_save selected {save_names}, which hold no parameter")
     for n in names:  # check every target before touching the model
         mod = modules[n]
         if is_adapter(mod):
@@ -129,6 +181,8 @@ def inject(model: nn.Module, method: str, /, *, target_modules: TargetSpec,
             p.requires_grad_(grad_before.get(id(p), p.requires_grad))
         raise
     _replace(model, mapping)
+    if save_names:
+        _set_modules_to_save(model, save_names)
     _freeze_all_but_adapters(model)
     s = summary(model)
     log.info("pyfastpeft.inject(%s): %d module(s) replaced\n%s", method, len(mapping), s)

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from pyfastpeft.surgery.injection import _replace
+from pyfastpeft.surgery.injection import _replace, _set_modules_to_save
 from pyfastpeft.surgery.methods import METHODS
 
 # PEFT layer classes we convert: (peft tuner, class name) -> kind (the method's name); OFTLinear.from_peft
@@ -60,11 +60,15 @@ def from_peft(peft_model: nn.Module, *, gated: bool = False, adapter_name: Optio
               merge_unsupported: bool = False) -> nn.Module:
     """The user's model out of a PEFT model, with every PEFT LoRA / OFT / PSOFT layer replaced by ours.
 
-    Same parameters (copied), same outputs. ``gated=True`` turns LoRA layers into ``GatedLoRALinear`` with
-    ``tau = 0`` (every token selected: the same outputs; ``tau`` then trains). PEFT ``modules_to_save``
-    wrappers become their trained copy. Any other PEFT layer (LoRA on Embedding/Conv, OFT on Conv2d, other
-    tuners) raises a ``ValueError`` naming it, unless ``merge_unsupported=True``, which merges it with
-    PEFT's own ``merge()`` into a plain, frozen layer.
+    Same parameters (copied, in PEFT's dtype: fp32 adapters on a bf16 model stay fp32), same outputs.
+    ``gated=True`` turns LoRA layers into ``GatedLoRALinear`` with ``tau = 0`` (every token selected: the same
+    outputs; ``tau`` then trains). PEFT's ``lora_bias=True`` is carried (``LoRALinear(lora_bias=True)``).
+    PEFT ``modules_to_save`` wrappers become their trained copy and the model's ``modules_to_save`` (saved by
+    :func:`~pyfastpeft.save_adapter`; :func:`~pyfastpeft.disable_adapters` puts the original back). Base
+    parameters keep their ``requires_grad`` (PEFT's ``bias="all"`` / ``"lora_only"`` train base biases). Any
+    other PEFT layer (DoRA and other LoRA variants, LoRA on Embedding, OFT on Conv2d, other tuners) raises a
+    ``ValueError`` naming it, unless ``merge_unsupported=True``, which merges it with PEFT's own ``merge()``
+    into a plain, frozen layer.
 
     Returns the unwrapped model (``peft_model.base_model.model`` for a ``PeftModel``), modified in place;
     adapter parameters train, the rest keeps its ``requires_grad``.
@@ -91,7 +95,12 @@ def from_peft(peft_model: nn.Module, *, gated: bool = False, adapter_name: Optio
             plan.append((name, mod, "merge"))
             continue
         method = "gated_lora" if gated and kind == "lora" else kind
-        cls = classes[method] = _peft_class(method)
+        base = mod.get_base_layer() if callable(getattr(mod, "get_base_layer", None)) else None
+        b = METHODS[method].builder_for(base) if base is not None else None
+        if b is None and method == "gated_lora":
+            raise ValueError(f"from_peft: module {name!r}: gated=True needs an nn.Linear base, got "
+                             f"{type(base).__name__}")
+        cls = classes[name] = b.cls if b is not None else _peft_class(method)
         if not callable(getattr(cls, "from_peft", None)):
             raise ValueError(f"from_peft: module {name!r} is a PEFT {kind.upper()} layer, but "
                              f"pyfastpeft.nn.{cls.__name__}.from_peft is not available in this install")
@@ -102,17 +111,20 @@ def from_peft(peft_model: nn.Module, *, gated: bool = False, adapter_name: Optio
         plan.append((name, mod, method))
     if not plan:
         raise ValueError("from_peft: the model holds no PEFT adapter layer")
+    grad_before = {id(q): q.requires_grad for q in model.parameters()}  # base biases PEFT trains stay trainable
     mapping: Dict[int, nn.Module] = {}
+    saved: Dict[str, nn.Module] = {}
     for name, mod, what in plan:
         if what == "modules_to_save":
             key = adapter_name or mod.active_adapters[0]
             new = mod.modules_to_save[key]
+            saved[name] = mod.original_module
         elif what == "merge":
             mod.merge(adapter_names=[adapter_name] if adapter_name else None)
             new = mod.get_base_layer()
             new.requires_grad_(False)
         else:
-            cls = classes[what]
+            cls = classes[name]
             kw = {"adapter_name": adapter_name} if adapter_name is not None else {}
             try:
                 new = cls.from_peft(mod, **kw)
@@ -124,4 +136,9 @@ def from_peft(peft_model: nn.Module, *, gated: bool = False, adapter_name: Optio
         new.train(mod.training)
         mapping[id(mod)] = new
     _replace(model, mapping)
+    for q in model.parameters():  # our constructors froze the base layers they wrap: PEFT's flags win
+        if id(q) in grad_before:
+            q.requires_grad_(grad_before[id(q)])
+    if saved:
+        _set_modules_to_save(model, list(saved), saved)
     return model

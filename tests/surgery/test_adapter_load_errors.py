@@ -42,7 +42,7 @@ def saved(tmp_path_factory):
     d = tmp_path_factory.mktemp("adapter")
     model = inject_case("llama", "lora")
     perturb_adapters(model)
-    pfp.save_adapter(model, d)
+    pfp.save_adapter(model, d, format="pyfastpeft")
     return d
 
 
@@ -227,7 +227,7 @@ def test_failing_load_leaves_model_untouched_for_every_method(tmp_path, method):
     extra = {"tau_init": 0.01} if method == "gated_lora" else {}
     src = inject_case("llama", method, **extra)
     perturb_adapters(src)
-    pfp.save_adapter(src, tmp_path)
+    pfp.save_adapter(src, tmp_path, format="pyfastpeft")
     _edit_tensors(tmp_path, lambda t: t.__setitem__(sorted(t)[-1], t[sorted(t)[-1]].double()))
     err = _load_fails(tmp_path, "has dtype torch.float64 in the file but", file=WEIGHTS_NAME)
     assert sorted(load_file(str(tmp_path / WEIGHTS_NAME)))[-1] in str(err)
@@ -247,9 +247,9 @@ def test_filter_block_entry_errors(tmp_path):
     """SFP's FilterBlock is rebuilt by its own from_config: bad settings and mixed dtypes name the file too."""
     from tests._tiny_models import tiny_vit
 
-    model = tiny_vit()
+    model = tiny_vit().requires_grad_(False)  # as pfp.subtractive.fit(freeze=True) leaves it
     model.blocks[0].mlp = pfp.nn.FilterBlock(192, 192, rank=8, source="Mlp")
-    pfp.save_adapter(model, tmp_path)
+    pfp.save_adapter(model, tmp_path, format="pyfastpeft")
     good = (tmp_path / CONFIG_NAME).read_text()
     _edit_config(tmp_path, lambda c: c["modules"]["blocks.0.mlp"]["config"].__setitem__("in_features", -1))
     _load_fails(tmp_path, r"FilterBlock\.from_config failed for module 'blocks\.0\.mlp': in_features must be",
