@@ -25,7 +25,7 @@ def test_gate_loss_raises_tau_selects_fewer_tokens_and_loss_falls():
     torch.manual_seed(0)
     model = _tiny_llama()
     # the tests run Triton interpreted, so the layers are pinned to torch; the kernels are checked elsewhere
-    pfp.inject(model, "gated_lora", target_modules=list(TARGETS), r=8, alpha=16, gate_width=0.1, backend="torch")
+    pfp.inject(model, "gated_lora", target_modules=list(TARGETS), r=8, alpha=16, backend="torch")
     layers = [m for m in model.modules() if isinstance(m, pfp.nn.GatedLoRALinear)]
     assert len(layers) == 2 * len(TARGETS)
     taus = [layer.tau for layer in layers]
