@@ -310,7 +310,18 @@ def _fwd_cost(args, kwargs, outputs):
                                                         has_xl=x_lora is not None), x.dtype),
             launch("torch:Gram BᵀB", gram, torch.float32),
             launch("triton:gate + compaction", gate_cost(M, R, groups, sel, s), torch.float32),
-            launch("triton:gated_expand", gated_expand_cost(M, sel, N, R, s), x.dtype)]
+            launch("triton:gated_expand", gated_expand_cost(M, sel, N, R, s), x.dtype)] + _budget_cost(args, kwargs, M)
+
+
+def _budget_cost(args, kwargs, M):
+    """With ``target_fraction``: the batch quantile (``torch.kthvalue`` over the M fp32 ratios, about a sort's
+    passes, modeled as 2 reads) and the re-flagging of the rows (read M ratios, write M flags)."""
+    p = kwargs.get("target_fraction", args[9] if len(args) > 9 else None)
+    if p is None or not M:
+        return []
+    return [launch("torch:budget quantile (kthvalue)", dict(flops=M * max(1, M.bit_length()), read=8 * M, write=4),
+                   torch.float32),
+            launch("torch:budget flags (ratio >= t)", dict(flops=M, read=4 * M, write=M), torch.float32)]
 
 
 def _bwd_cost(args, kwargs, outputs):
