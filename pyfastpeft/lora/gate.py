@@ -5,6 +5,9 @@ hide in the oracle. The maths is in ``docs/token_selective.md``.
 """
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -35,9 +38,54 @@ def tau_eff(tau: Tensor) -> Tensor:
     return tau + (tau.clamp(min=0) - tau).detach()
 
 
-def tau_window(ratio: Tensor, tau: Tensor, gate_width: float, dtype: torch.dtype) -> Tensor:
-    """Triangle window ``w_i = max(0, 1 − |r_i − τ_eff| / T) / T`` (= −∂S_i/∂τ of the surrogate)."""
-    return (1 - (ratio.to(dtype) - tau.to(dtype).clamp(min=0)).abs() / gate_width).clamp(min=0) / gate_width
+def ratio_scale(ratio: Tensor, thr: Tensor) -> Tensor:
+    """σ = max(mean of the finite ratios, t): the scale of the surrogate window (a constant, no gradient).
+    0 only when every finite ratio is 0 and t = 0 (``B = 0``)."""
+    r = ratio.detach()
+    fin = torch.isfinite(r)
+    mean = torch.where(fin, r, torch.zeros_like(r)).sum() / fin.sum().clamp(min=1).to(r.dtype)
+    return torch.maximum(mean, thr.detach().to(r.dtype).reshape(()))
+
+
+def window_z(ratio: Tensor, thr: Tensor, gate_width: float) -> Tensor:
+    """``z_i = (r_i − t) / (T σ)`` (``σ`` from :func:`ratio_scale`); ``z_i = 1`` (outside the window, fully
+    selected) when ``σ = 0``. ``thr`` may carry a gradient (straight-through threshold)."""
+    sigma = ratio_scale(ratio, thr)
+    t = thr.to(ratio.dtype).reshape(())
+    return torch.where(sigma > 0, (ratio - t) / (gate_width * sigma.clamp(min=torch.finfo(sigma.dtype).tiny)),
+                       torch.ones_like(ratio))
+
+
+def tau_window(ratio: Tensor, thr: Tensor, gate_width: float, dtype: torch.dtype) -> Tensor:
+    """Triangle window ``w_i = max(0, 1 − |z_i|) / (T σ)`` (= −∂S̃_i/∂t of the surrogate) around the effective
+    threshold ``thr`` (``max(τ, 0)``, or the budget's threshold); 0 everywhere when ``σ = 0``."""
+    r, t = ratio.to(dtype), thr.to(dtype).reshape(()).clamp(min=0)
+    sigma = ratio_scale(r, t)
+    z = window_z(r, t, gate_width)
+    return torch.where(sigma > 0, (1 - z.abs()).clamp(min=0) / (gate_width * sigma.clamp(min=torch.finfo(dtype).tiny)),
+                       torch.zeros_like(r))
+
+
+def budget_count(M: int, target_fraction: float) -> int:
+    """How many of ``M`` tokens a budget ``p`` selects: ``round(p · M)``, at least 1 (for ``M > 0``)."""
+    return min(M, max(1, int(math.floor(target_fraction * M + 0.5))))
+
+
+def budget_threshold(ratio: Tensor, target_fraction: float) -> Tensor:
+    """The ``(1 − p)`` quantile of the batch's ratios as a threshold: the ``round(p · M)``-th largest ratio (NaN
+    ratios rank lowest), a 0-dim tensor on the device (``torch.kthvalue``: no host sync). ``M > 0``."""
+    M = ratio.shape[0]
+    r = torch.nan_to_num(ratio.detach(), nan=-math.inf)
+    return torch.kthvalue(r, M - budget_count(M, target_fraction) + 1).values
+
+
+def effective_threshold(ratio: Tensor, tau: Tensor, target_fraction: Optional[float], dtype: torch.dtype) -> Tensor:
+    """The forward's threshold ``t`` (0-dim, ``dtype``): ``max(τ, 0)``, and with a budget ``max(τ, 0, t_p)``,
+    ``t_p`` the batch quantile of :func:`budget_threshold`. Computed on the device, no host sync."""
+    t = tau.detach().to(dtype).reshape(()).clamp(min=0)
+    if target_fraction is not None and ratio.shape[0] > 0:
+        t = torch.maximum(t, budget_threshold(ratio.to(dtype), target_fraction))
+    return t
 
 
 def full_terms(c: Tensor, win: Tensor, x: Tensor, x_lora: Tensor, u: Tensor, ratio: Tensor, weight: Tensor,

@@ -1,12 +1,13 @@
 """Token-selective LoRA (TS-PEFT) with a learnable threshold: ``docs/token_selective.md``.
 
-    y_i = W x_i + b + S_i · scale · B A dropout(x)_i,   S_i = [‖m_i‖ / max(‖W x_i‖, ε) ≥ max(τ, 0)]
+    y_i = W x_i + b + S_i · scale · B A dropout(x)_i,   S_i = [‖m_i‖ / max(‖W x_i‖, ε) ≥ max(τ, 0[, t_p])]
 
 Shapes as ``lora_linear``; ``tau`` is a 0-dim floating tensor (learnable). ``tau=None`` is dense LoRA on
 ``lora_linear``'s kernels. Saved for backward: ``x_lora`` (x itself without dropout), ``u (M, R)``,
 ``ratio (M,)`` and ``selected (M,)``, plus ``x`` for ``gate_grad="full"`` with dropout: nothing of size
-``M × N``. The τ gradient is the spec's triangle-window surrogate; the clamp ``max(τ, 0)`` is
-straight-through (see ``pyfastpeft.lora.reference``).
+``M × N``. The τ gradient is a scale-free triangle-window surrogate (half-width ``gate_width · σ``, ``σ`` the
+larger of the mean ratio and the threshold); the clamp ``max(τ, 0)`` and a budget's floor (``target_fraction``:
+the batch's ``(1 − p)`` ratio quantile) are straight-through (see ``pyfastpeft.lora.reference``).
 
 Backends: ``triton`` (``pyfastpeft.triton_kernels.lora.gated_lora_linear``: the row norms of the frozen output in
 the base GEMM's epilogue, the expand on selected rows only, the selected-rows backward in the LoRA dx kernel)
@@ -30,7 +31,7 @@ from pyfastpeft.core.checks import check_finite_tensor, compute_dtype
 from pyfastpeft.core.dtypes import acc_dtype
 from pyfastpeft.lora import torch_gated as _fallback
 from pyfastpeft.core.amp import autocast_as, autocast_off, autocast_state
-from pyfastpeft.lora.gate import gram as _gram
+from pyfastpeft.lora.gate import effective_threshold, gram as _gram
 from pyfastpeft.core import ext as _ext
 from pyfastpeft.lora.lora_linear import (_ORDER, _cuda_available, _cuda_supports, _triton_available,
                                        _triton_devices, _triton_why, launch, lora_linear, validate_lora_args)
@@ -47,10 +48,10 @@ def _gk():
     return gk
 
 
-def _triton_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale, tau):
+def _triton_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale, tau, target_fraction=None):
     if x.shape[0] == 0 or weight.shape[0] == 0:  # nothing to launch: the torch contract handles empty shapes
-        return _fallback.fwd(x, x_lora, weight, bias, lora_a, lora_b, scale, tau)
-    return _gk().gated_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale, tau)
+        return _fallback.fwd(x, x_lora, weight, bias, lora_a, lora_b, scale, tau, target_fraction)
+    return _gk().gated_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale, tau, target_fraction)
 
 
 FWD.register(Backend("triton", _triton_fwd, devices=_triton_devices, available=_triton_available,
@@ -67,17 +68,23 @@ BWD.register(Backend("triton", lambda *a: _gk().gated_bwd(*a), devices=_triton_d
 _CUDA_OPS = ("lora_shrink", "gated_gate", "gated_expand_add_")
 
 
-def _cuda_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale, tau):
+def _cuda_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale, tau, target_fraction=None):
     C = torch.ops.pyfastpeft_C
     h = torch.mm(x, weight.t())
     u = C.lora_shrink(x if x_lora is None else x_lora, lora_a)
     hsq = torch.linalg.vector_norm(h, dim=1, dtype=torch.float32).square_()[None]  # (1, M)
     gram = _gram(lora_b)  # fp32 even under autocast (gated_gate takes an fp32 Gram)
-    ratio, selected, index, count = C.gated_gate(u, gram, hsq, tau.detach().float(), scale)
+    thr = tau.detach().float().reshape(()).clamp(min=0)
+    ratio, selected, index, count = C.gated_gate(u, gram, hsq, thr, scale)
+    if target_fraction is not None and x.shape[0] > 0:
+        # the budget's threshold max(τ, 0, t_p) needs the batch's ratios: a second gate launch (M·R² work, the
+        # same ratios) selects and compacts against it; t_p stays on the device (torch.kthvalue)
+        thr = effective_threshold(ratio, tau, target_fraction, torch.float32)
+        ratio, selected, index, count = C.gated_gate(u, gram, hsq, thr, scale)
     if bias is not None:
         h += bias
     C.gated_expand_add_(h, u, lora_b, index, count, scale)
-    return h, u, ratio, selected
+    return h, u, ratio, selected, thr
 
 
 FWD.register(Backend("cuda", _cuda_fwd, devices=lambda: ("cuda",), available=lambda: _cuda_available(_CUDA_OPS),
@@ -91,20 +98,22 @@ GATE_GRADS = ("threshold", "full")
 @torch.library.custom_op("pyfastpeft::gated_lora_linear_fwd", mutates_args=())
 def gated_lora_linear_fwd(x: Tensor, x_lora: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
                           lora_a: Tensor, lora_b: Tensor, scale: float, tau: Tensor,
-                          backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Primitive forward on 2-D x: ``(y (M, N), u (M, R), ratio (M,) fp32 (fp64 for fp64 x), selected (M,) bool)``,
-    in the inputs' dtype with autocast off (``pyfastpeft.core.amp``)."""
+                          backend: Optional[str] = None, target_fraction: Optional[float] = None
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Primitive forward on 2-D x: ``(y (M, N), u (M, R), ratio (M,) fp32 (fp64 for fp64 x), selected (M,) bool,
+    thr ())``, ``thr`` the threshold used (``max(τ, 0)``; with a budget ``max(τ, 0, t_p)``, ``t_p`` the batch's
+    ``(1 − p)`` ratio quantile), in the inputs' dtype with autocast off (``pyfastpeft.core.amp``)."""
     with autocast_off(x.device.type):
         impl = FWD.select(x.device, x, x_lora, weight, bias, lora_a, lora_b, scale, tau, backend=backend)
-        return impl.fn(x, x_lora, weight, bias, lora_a, lora_b, scale, tau)
+        return impl.fn(x, x_lora, weight, bias, lora_a, lora_b, scale, tau, target_fraction)
 
 
 @gated_lora_linear_fwd.register_fake
-def _(x, x_lora, weight, bias, lora_a, lora_b, scale, tau, backend=None):
+def _(x, x_lora, weight, bias, lora_a, lora_b, scale, tau, backend=None, target_fraction=None):
     M = x.shape[0]
     return (x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_a.shape[0])),
             x.new_empty((M,), dtype=acc_dtype(x.dtype)),
-            x.new_empty((M,), dtype=torch.bool))
+            x.new_empty((M,), dtype=torch.bool), x.new_empty((), dtype=acc_dtype(x.dtype)))
 
 
 @torch.library.custom_op("pyfastpeft::gated_lora_linear_bwd", mutates_args=())
@@ -112,7 +121,8 @@ def gated_lora_linear_bwd(dy: Tensor, x: Tensor, x_lora: Tensor, u: Tensor, rati
                           weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, tau: Tensor,
                           gate_width: float, full: bool, dx_mode: int, backend: Optional[str] = None
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Primitive backward: ``(dx, dx_lora, dA, dB, dtau)``; see ``pyfastpeft.lora.torch_gated``. Autocast off."""
+    """Primitive backward: ``(dx, dx_lora, dA, dB, dtau)``; see ``pyfastpeft.lora.torch_gated``. ``tau`` is the
+    forward's threshold ``thr`` (the window's centre); ``dtau`` is the gradient with respect to it. Autocast off."""
     args = (dy, x, x_lora, u, ratio, selected, weight, lora_a, lora_b, scale, tau, gate_width, full, dx_mode)
     with autocast_off(dy.device.type):
         impl = BWD.select(dy.device, *args, backend=backend)
@@ -128,43 +138,59 @@ def _(dy, x, x_lora, u, ratio, selected, weight, lora_a, lora_b, scale, tau, gat
 
 
 class GatedLoRALinearFn(torch.autograd.Function):
-    """Autograd glue on 2-D inputs; returns ``(y, selected, ratio)`` (the last two not differentiable). The
-    backward runs under the autocast state of the forward (as ``torch.amp.custom_fwd`` / ``custom_bwd``)."""
+    """Autograd glue on 2-D inputs; returns ``(y, selected, ratio, thr)`` (the last three not differentiable).
+    ``thr``, the threshold the forward used, is the surrogate's centre; its gradient reaches ``tau`` straight
+    through (the clamp at 0 and the budget's floor are identities in the backward). The backward runs under
+    the autocast state of the forward (as ``torch.amp.custom_fwd`` / ``custom_bwd``)."""
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, tau, scale, gate_width, full, backend):
+    def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, tau, scale, gate_width, full, backend,
+                target_fraction=None):
         ctx.autocast = autocast_state(x.device.type)
-        y, u, ratio, selected = torch.ops.pyfastpeft.gated_lora_linear_fwd(
-            x, x_lora, weight, bias, lora_a, lora_b, scale, tau, backend)
+        y, u, ratio, selected, thr = torch.ops.pyfastpeft.gated_lora_linear_fwd(
+            x, x_lora, weight, bias, lora_a, lora_b, scale, tau, backend, target_fraction)
+        ctx.tau_meta = (tau.dtype, tau.shape)
         ctx.has_xl, ctx.scale, ctx.gate_width, ctx.full, ctx.backend = x_lora is not None, scale, gate_width, full, backend
         ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
         xl = x if x_lora is None else x_lora
         # x itself is needed only to recompute ‖h_i‖ on window rows in "full" mode with dropout
         ctx.save_for_backward(x if (full and x_lora is not None) else xl, xl, u, ratio, selected, weight, lora_a,
-                              lora_b, tau)
-        ctx.mark_non_differentiable(ratio, selected)
+                              lora_b, thr)
+        ctx.mark_non_differentiable(ratio, selected, thr)
         ctx.set_materialize_grads(False)  # no zero gradients for the non-differentiable outputs
-        return y, selected, ratio
+        return y, selected, ratio, thr
 
     @staticmethod
-    def backward(ctx, dy, _dsel, _dratio):
+    def backward(ctx, dy, _dsel, _dratio, _dthr):
         with autocast_as(ctx.autocast):
             return GatedLoRALinearFn._backward(ctx, dy)
 
     @staticmethod
     def _backward(ctx, dy):
-        x, xl, u, ratio, selected, weight, lora_a, lora_b, tau = ctx.saved_tensors
+        x, xl, u, ratio, selected, weight, lora_a, lora_b, thr = ctx.saved_tensors
         if dy is None:  # y did not reach the loss
-            return (None,) * 11
+            return (None,) * 12
         need_x, need_xl = ctx.needs_input_grad[0], ctx.has_xl and ctx.needs_input_grad[1]
         dx_mode = (2 if (need_x or need_xl) else 0) if ctx.has_xl else (1 if need_x else 0)
         dx, dxl, da, db, dtau = torch.ops.pyfastpeft.gated_lora_linear_bwd(
-            dy.contiguous(), x, xl, u, ratio, selected, weight, lora_a, lora_b, ctx.scale, tau, ctx.gate_width,
+            dy.contiguous(), x, xl, u, ratio, selected, weight, lora_a, lora_b, ctx.scale, thr, ctx.gate_width,
             ctx.full, dx_mode, ctx.backend)
         dbias = dy.sum(0) if ctx.bias_grad else None
         return (dx if need_x else None, dxl if need_xl else None, None, dbias,
                 da if ctx.needs_input_grad[4] else None, db if ctx.needs_input_grad[5] else None,
-                dtau if ctx.needs_input_grad[6] else None, None, None, None, None)
+                dtau.to(ctx.tau_meta[0]).reshape(ctx.tau_meta[1]) if ctx.needs_input_grad[6] else None,
+                None, None, None, None, None)
+
+
+def check_target_fraction(target_fraction) -> Optional[float]:
+    """``None`` or a number in (0, 1]; anything else raises ``ValueError`` naming ``target_fraction``."""
+    if target_fraction is None:
+        return None
+    if isinstance(target_fraction, bool) or not isinstance(target_fraction, numbers.Real) or \
+            not 0.0 < float(target_fraction) <= 1.0:
+        raise ValueError(f"target_fraction must be None or a number in (0, 1] (the fraction of tokens to select), "
+                         f"got {target_fraction!r}")
+    return float(target_fraction)
 
 
 def _validate_gate(tau, gate_width, gate_grad, x) -> None:
@@ -181,14 +207,20 @@ def _validate_gate(tau, gate_width, gate_grad, x) -> None:
 
 
 def gated_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-                      scale: float, tau: Optional[Tensor], *, gate_width: float = 0.05, gate_grad: str = "threshold",
-                      dropout_p: float = 0.0, return_gate: bool = False, backend: Optional[str] = None):
+                      scale: float, tau: Optional[Tensor], *, gate_width: float = 1.0, gate_grad: str = "threshold",
+                      dropout_p: float = 0.0, return_gate: bool = False, backend: Optional[str] = None,
+                      target_fraction: Optional[float] = None):
     """Token-selective LoRA linear (TS-PEFT): LoRA only on tokens whose update is large enough.
 
     Args:
         x, weight, bias, lora_a, lora_b, scale, dropout_p, backend: as :func:`pyfastpeft.lora_linear`.
         tau: 0-dim floating tensor, the learnable threshold (clamped at 0 in the forward); ``None`` = dense LoRA.
-        gate_width: half-width ``T`` of the triangle surrogate window (> 0).
+        gate_width: relative half-width ``T`` of the triangle surrogate window (> 0): the window is
+            ``|r_i − t| < T · σ``, ``σ = max(mean ratio, t)`` (scale-free; ``docs/token_selective.md`` §2).
+        target_fraction: ``None``, or a budget ``p`` in (0, 1]: the threshold becomes ``max(τ, 0, t_p)``, ``t_p``
+            the ``(1 − p)`` quantile of this call's token ratios (on the device, no host sync), so that
+            ``round(p · M)`` tokens are selected (more only on exact ties). The selection then depends on the
+            whole batch: this is the training-time mode of ``GatedLoRALinear(target_fraction=p)``.
         gate_grad: ``"threshold"`` (only τ gets the surrogate) or ``"full"`` (also through ``r_i``).
         return_gate: also return ``selected (M,) bool`` and ``ratio (M,) fp32`` over flattened tokens.
 
@@ -207,27 +239,37 @@ def gated_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
     gives the same inf / NaN pattern in ``y_i`` on every backend. The backward is not row-local: such a row
     makes ``dτ`` NaN (its window weight is NaN) and can reach ``dA`` / ``dB``.
     """
+    y, selected, ratio, _ = _gated_lora_linear(x, weight, bias, lora_a, lora_b, scale, tau, gate_width=gate_width,
+                                               gate_grad=gate_grad, dropout_p=dropout_p, backend=backend,
+                                               target_fraction=target_fraction)
+    return (y, selected, ratio) if return_gate else y
+
+
+def _gated_lora_linear(x, weight, bias, lora_a, lora_b, scale, tau, *, gate_width, gate_grad, dropout_p, backend,
+                       target_fraction):
+    """``(y, selected, ratio, thr)``; ``thr`` (0-dim, detached) the threshold the forward used (``None`` without
+    a gate)."""
     scale = validate_lora_args(x, weight, bias, lora_a, lora_b, scale, dropout_p)
+    target_fraction = check_target_fraction(target_fraction)
     if tau is None:
         if gate_grad not in GATE_GRADS:
             raise ValueError(f"gate_grad must be one of {GATE_GRADS}, got {gate_grad!r}")
+        if target_fraction is not None:
+            raise ValueError("target_fraction needs a gate: pass a tau tensor (tau=None is dense LoRA)")
         y = lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=dropout_p, backend=backend)
-        if not return_gate:
-            return y
         M = math.prod(x.shape[:-1])  # every token is selected; ratio is not computed for dense LoRA
         return (y, torch.ones(M, dtype=torch.bool, device=x.device),
-                torch.zeros(M, dtype=torch.float32, device=x.device))
+                torch.zeros(M, dtype=torch.float32, device=x.device), None)
     _validate_gate(tau, gate_width, gate_grad, x)
     dt = compute_dtype(x)
     N, K = weight.shape
     lead = x.shape[:-1]
     x2 = x.to(dt).reshape(-1, K)
     x_lora = F.dropout(x2, float(dropout_p), training=True) if dropout_p > 0 else None
-    y, selected, ratio = GatedLoRALinearFn.apply(
+    y, selected, ratio, thr = GatedLoRALinearFn.apply(
         x2, x_lora, weight.to(dt), None if bias is None else bias.to(dt), lora_a.to(dt), lora_b.to(dt), tau,
-        float(scale), float(gate_width), gate_grad == "full", backend)
-    y = y.reshape(*lead, N)
-    return (y, selected, ratio) if return_gate else y
+        float(scale), float(gate_width), gate_grad == "full", backend, target_fraction)
+    return y.reshape(*lead, N), selected, ratio, thr
 
 
 def explain_args(x, weight, bias, lora_a, lora_b, scale, tau, *, backend=None, **_):
@@ -268,7 +310,18 @@ def _fwd_cost(args, kwargs, outputs):
                                                         has_xl=x_lora is not None), x.dtype),
             launch("torch:Gram BᵀB", gram, torch.float32),
             launch("triton:gate + compaction", gate_cost(M, R, groups, sel, s), torch.float32),
-            launch("triton:gated_expand", gated_expand_cost(M, sel, N, R, s), x.dtype)]
+            launch("triton:gated_expand", gated_expand_cost(M, sel, N, R, s), x.dtype)] + _budget_cost(args, kwargs, M)
+
+
+def _budget_cost(args, kwargs, M):
+    """With ``target_fraction``: the batch quantile (``torch.kthvalue`` over the M fp32 ratios, about a sort's
+    passes, modeled as 2 reads) and the re-flagging of the rows (read M ratios, write M flags)."""
+    p = kwargs.get("target_fraction", args[9] if len(args) > 9 else None)
+    if p is None or not M:
+        return []
+    return [launch("torch:budget quantile (kthvalue)", dict(flops=M * max(1, M.bit_length()), read=8 * M, write=4),
+                   torch.float32),
+            launch("torch:budget flags (ratio >= t)", dict(flops=M, read=4 * M, write=M), torch.float32)]
 
 
 def _bwd_cost(args, kwargs, outputs):

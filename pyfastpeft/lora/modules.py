@@ -20,6 +20,7 @@ select fewer tokens; ``selected_fraction`` reports the last forward's fraction.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -27,8 +28,8 @@ from torch import nn
 
 from pyfastpeft.core.backend import _check_name
 from pyfastpeft.lora.lora_linear import lora_linear
-from pyfastpeft.lora.gate import smooth_step, tau_eff
-from pyfastpeft.lora.gated_lora_linear import GATE_GRADS, gated_lora_linear
+from pyfastpeft.lora.gate import smooth_step, window_z
+from pyfastpeft.lora.gated_lora_linear import GATE_GRADS, _gated_lora_linear, check_target_fraction
 
 
 class LoRALinear(nn.Module):
@@ -294,39 +295,77 @@ class LoRAConv2d(nn.Module):
 
 
 class GatedLoRALinear(LoRALinear):
-    """``y = base(x) + S(x) · scale · B A dropout(x)``, ``S`` the per-token gate with learnable ``tau``."""
+    """``y = base(x) + S(x) · scale · B A dropout(x)``, ``S`` the per-token gate with learnable ``tau``.
+
+    ``target_fraction=p`` adds a compute budget: in training the threshold is ``max(tau, 0, t_p)``, ``t_p`` the
+    ``(1 − p)`` quantile of the batch's ratios (``round(p · M)`` tokens selected, computed on the device); a
+    running average of that threshold (the buffer ``tau_budget``, saved with the adapter) replaces ``t_p`` in
+    eval, where a token's selection depends only on the token.
+    """
+
+    BUDGET_MOMENTUM = 0.1  # running threshold: t_run ← (1 − μ) t_run + μ t (the first batch sets it)
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, *, tau_init: float = 0.0,
-                 gate_width: float = 0.05, gate_grad: str = "threshold", dropout: float = 0.0,
-                 use_rslora: bool = False, backend: Optional[str] = None):
+                 gate_width: float = 1.0, gate_grad: str = "threshold", dropout: float = 0.0,
+                 use_rslora: bool = False, backend: Optional[str] = None, target_fraction: Optional[float] = None):
         super().__init__(base_layer, r, alpha, dropout=dropout, use_rslora=use_rslora, backend=backend)
-        if not gate_width > 0:
-            raise ValueError(f"gate_width must be > 0, got {gate_width!r}")
+        if isinstance(gate_width, bool) or not isinstance(gate_width, numbers.Real) or not gate_width > 0:
+            raise ValueError(f"gate_width must be a number > 0, got {gate_width!r}")
         if gate_grad not in GATE_GRADS:
             raise ValueError(f"gate_grad must be one of {GATE_GRADS}, got {gate_grad!r}")
+        if isinstance(tau_init, bool) or not isinstance(tau_init, numbers.Real) or not math.isfinite(tau_init):
+            raise ValueError(f"tau_init must be a finite number, got {tau_init!r}")
         self.tau = nn.Parameter(torch.tensor(float(tau_init), device=base_layer.weight.device))
+        self.set_target_fraction(target_fraction)  # tau_budget nan: no training batch yet (eval uses tau alone)
         self.gate_width, self.gate_grad = float(gate_width), gate_grad
         self._ratio: Optional[torch.Tensor] = None
         self._selected: Optional[torch.Tensor] = None
+        self._thr: Optional[torch.Tensor] = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int, alpha: float, *, tau_init: float = 0.0, gate_width: float = 0.05,
-                    gate_grad: str = "threshold", dropout: float = 0.0, use_rslora: bool = False) -> "GatedLoRALinear":
+    def from_linear(cls, linear: nn.Linear, r: int, alpha: float, *, tau_init: float = 0.0, gate_width: float = 1.0,
+                    gate_grad: str = "threshold", dropout: float = 0.0, use_rslora: bool = False,
+                    target_fraction: Optional[float] = None) -> "GatedLoRALinear":
         """Wrap ``linear`` (kept, frozen) with a fresh gated LoRA adapter."""
         return cls(linear, r, alpha, tau_init=tau_init, gate_width=gate_width, gate_grad=gate_grad,
-                   dropout=dropout, use_rslora=use_rslora)
+                   dropout=dropout, use_rslora=use_rslora, target_fraction=target_fraction)
+
+    def set_target_fraction(self, target_fraction: Optional[float]) -> "GatedLoRALinear":
+        """Switch the budget on (a number in (0, 1]), change it, or switch it off (``None``) on an existing layer,
+        e.g. after ``pfp.from_peft(..., gated=True)``. A new budget starts a fresh running threshold."""
+        p = check_target_fraction(target_fraction)
+        if "tau_budget" in self._buffers:
+            del self._buffers["tau_budget"]
+        if p is not None:
+            self.register_buffer("tau_budget", torch.tensor(math.nan, device=self.tau.device))
+        self.target_fraction = p
+        return self
 
     def adapter_config(self) -> dict:
         """JSON-serialisable kwargs of :meth:`from_linear` (``tau_init`` is the current ``tau``)."""
-        return {**super().adapter_config(), "tau_init": float(self.tau.detach()), "gate_width": self.gate_width,
-                "gate_grad": self.gate_grad}
+        return {**super().adapter_config(), "tau_init": float(self.tau.detach().reshape(())),
+                "gate_width": self.gate_width, "gate_grad": self.gate_grad, "target_fraction": self.target_fraction}
+
+    def _eval_tau(self, tau: torch.Tensor) -> torch.Tensor:
+        """``max(tau, t_run)`` in the forward (``tau`` while no running estimate exists), ``tau`` in the backward."""
+        run = self.tau_budget.to(tau.dtype)
+        return tau + (torch.where(torch.isnan(run), tau, torch.maximum(tau, run)) - tau).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, selected, ratio = gated_lora_linear(
+        tau = self.tau.reshape(())  # 0-dim or (1,): the op takes a 0-dim view
+        budget = self.target_fraction is not None
+        if budget and not self.training:
+            tau = self._eval_tau(tau)
+        y, selected, ratio, thr = _gated_lora_linear(
             x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
-            self.tau, gate_width=self.gate_width, gate_grad=self.gate_grad,
-            dropout_p=self.dropout if self.training else 0.0, return_gate=True, backend=self.backend)
-        self._ratio, self._selected = ratio, selected  # kept as tensors: no device sync in the forward
+            tau, gate_width=self.gate_width, gate_grad=self.gate_grad,
+            dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
+            target_fraction=self.target_fraction if (budget and self.training) else None)
+        if budget and self.training and ratio.numel():
+            with torch.no_grad():  # on the device: no sync
+                run, t = self.tau_budget, thr.to(self.tau_budget.dtype)
+                run.copy_(torch.where(torch.isnan(run), t, torch.lerp(run, t, self.BUDGET_MOMENTUM)))
+        self._ratio, self._selected, self._thr = ratio, selected, thr  # tensors: no device sync in the forward
         return y
 
     @property
@@ -337,22 +376,34 @@ class GatedLoRALinear(LoRALinear):
         return float(self._selected.float().mean())
 
     def gate_loss(self) -> torch.Tensor:
-        """Mean smoothed selection ``H((r_i − τ)/T)`` of the last forward; its gradient raises ``tau``."""
-        if self._ratio is None or self._ratio.numel() == 0:
-            return self.tau * 0.0
-        return smooth_step((self._ratio.to(self.tau.dtype) - tau_eff(self.tau)) / self.gate_width).mean()
+        """Mean smoothed selection ``H((r_i − t)/(T σ))`` of the last forward (``t`` its threshold, ``σ`` the
+        ratios' scale); its gradient raises ``tau``."""
+        tau = self.tau.reshape(())
+        if self._ratio is None or self._ratio.numel() == 0 or self._thr is None:
+            return tau * 0.0
+        t = tau + (self._thr.to(tau.dtype) - tau).detach()  # the forward's threshold, straight through to tau
+        return smooth_step(window_z(self._ratio.to(tau.dtype), t, self.gate_width)).mean()
+
+    def eval_threshold(self) -> float:
+        """The threshold an eval forward uses: ``max(tau, 0)``, with a budget ``max(tau, 0, t_run)``."""
+        t = max(float(self.tau.detach().reshape(())), 0.0)
+        if self.target_fraction is not None and not math.isnan(float(self.tau_budget)):
+            t = max(t, float(self.tau_budget))
+        return t
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        if float(self.tau) > 0:
-            raise ValueError(f"cannot merge a gated LoRA layer with tau={float(self.tau):.4g} > 0: the gate depends "
-                             "on each token, so no single weight reproduces it (merging is exact only for tau <= 0, "
-                             "where every token is selected)")
+        if self.eval_threshold() > 0:
+            raise ValueError(f"cannot merge a gated LoRA layer with tau={float(self.tau.detach().reshape(())):.4g}"
+                             + (f" and budget threshold {float(self.tau_budget):.4g}" if self.target_fraction else "")
+                             + " > 0: the gate depends on each token, so no single weight reproduces it (merging is "
+                             "exact only for a threshold <= 0, where every token is selected)")
         return super().merged()
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", tau={float(self.tau.detach()):.4g}, gate_width={self.gate_width:g}, "
-                f"gate_grad={self.gate_grad}")
+        return (super().extra_repr() + f", tau={float(self.tau.detach().reshape(())):.4g}, "
+                f"gate_width={self.gate_width:g}, gate_grad={self.gate_grad}"
+                + (f", target_fraction={self.target_fraction:g}" if self.target_fraction is not None else ""))
 
 
 def gate_loss(model: nn.Module) -> torch.Tensor:

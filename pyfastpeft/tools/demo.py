@@ -6,7 +6,10 @@ that has something to learn (ViT: labels from a fixed random teacher on pooled p
 runs through :func:`pyfastpeft.inject`; PEFT runs the same method where it has one (LoRA, OFT, PSOFT) on a
 copy of the same base model and data. Reported per run: first and last loss, median step time
 (forward + backward + AdamW, after one warm-up step), trainable parameters, and the bytes autograd saves
-for backward in one training forward (``pfp.perf.saved_bytes``: the whole model's activations).
+for backward in one training forward (``pfp.perf.saved_bytes``: the whole model's activations). Gated LoRA
+trains with ``λ · pfp.gate_loss`` (λ = :data:`GATE_LAMBDA`, its thresholds at AdamW lr :data:`TAU_LR`); its
+fraction of selected tokens at every step is kept (``demo.json``: ``selected``), shown in the table's note
+(first -> last step, next to LoRA's last loss) and as a dashed line on the loss panel's right-hand axis.
 
 Writes ``demo.json`` (rows, loss curves, metadata and the command), ``demo.csv`` and ``demo.png`` into the
 output directory (``--out``; default ``./pyfastpeft-results/demo``, git-ignored). ``--quick`` is the small
@@ -35,6 +38,7 @@ TARGETS = {"vit": ["qkv", "attn.proj", "fc1", "fc2"], "llama": ["q_proj", "k_pro
                                                                  "up_proj", "down_proj"]}
 GATE_LAMBDA = 0.05  # weight of pfp.gate_loss for gated LoRA: raises tau so fewer tokens take the update
 LR = 1e-2
+TAU_LR = 0.1  # AdamW learning rate of gated LoRA's thresholds tau
 
 
 @dataclass
@@ -59,6 +63,7 @@ class Run:
     saved_bytes: Optional[int] = None
     note: str = ""
     status: str = "ok"
+    selected: list = field(default_factory=list)  # gated LoRA: fraction of tokens selected at each step
 
     def row(self) -> dict:
         return {"model": self.model, "method": self.method, "impl": self.impl, "status": self.status,
@@ -130,7 +135,13 @@ def train(task: Task, model: torch.nn.Module, run: Run, steps: int, progress: bo
     params = [p for p in model.parameters() if p.requires_grad]
     run.trainable = sum(p.numel() for p in params)
     run.saved_bytes = _saved_bytes(task, model)
-    opt = torch.optim.AdamW(params, lr=LR)
+    # gated LoRA's thresholds get their own, larger learning rate (as the README's example): AdamW moves a
+    # scalar by about its lr per step, and 30 steps at LR would not let them reach their equilibrium
+    taus = {id(m.tau) for m in model.modules() if type(m).__name__ == "GatedLoRALinear"}
+    groups = [{"params": [p for p in params if id(p) not in taus]}]
+    if taus:
+        groups.append({"params": [p for p in params if id(p) in taus], "lr": TAU_LR})
+    opt = torch.optim.AdamW(groups, lr=LR)
     model.train()
     bar = _bar(steps, f"{task.name}/{run.method} ({run.impl})", progress)
     losses: list[torch.Tensor] = []
@@ -179,11 +190,20 @@ def run_ours(task: Task, method: str, steps: int, progress: bool, backend: Optio
     targets = TARGETS[task.name] + list(m.demo_extra_targets.get(task.name, ()))
     pfp.inject(model, method, target_modules=targets, backend=backend, **m.demo)
     run = Run(task.name, method, "pyfastpeft")
-    extra = (lambda: GATE_LAMBDA * pfp.gate_loss(model)) if method == "gated_lora" else None
+    extra = None
+    if method == "gated_lora":
+        layers = [m for m in model.modules() if isinstance(m, pfp.nn.GatedLoRALinear)]
+        fractions: list[torch.Tensor] = []
+
+        def extra() -> torch.Tensor:  # after the step's forward: its selection, kept on the device (no sync)
+            fractions.append(torch.stack([m._selected.float().mean() for m in layers]).mean())
+            return GATE_LAMBDA * pfp.gate_loss(model)
+
     train(task, model, run, steps, progress, extra)
     if method == "gated_lora":
-        fr = [m.selected_fraction for m in model.modules() if isinstance(m, pfp.nn.GatedLoRALinear)]
-        run.note = f"tokens selected {100 * sum(fr) / len(fr):.0f}% (gate_loss x{GATE_LAMBDA:g})"
+        run.selected = [float(f) for f in fractions][-len(run.losses):]  # the saved-bytes forward is not a step
+        run.note = (f"tokens selected {100 * run.selected[0]:.0f}% -> {100 * run.selected[-1]:.0f}% "
+                    f"(gate_loss x{GATE_LAMBDA:g})")
     return run
 
 
@@ -294,7 +314,20 @@ def figure(result: dict) -> Any:
                      fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        ax.legend(fontsize=7, ncol=2)
+        sel = [(r, result.get("selected", {}).get(f"{m}/{r['method']}/{r['impl']}")) for r in mr]
+        sel = [(r, frac) for r, frac in sel if frac]
+        handles, _ = ax.get_legend_handles_labels()
+        if sel:  # gated LoRA's selected fraction per step, on a right-hand axis
+            ax2 = ax.twinx()
+            for r, frac in sel:
+                impl = r["impl"]
+                (line,) = ax2.plot(range(1, len(frac) + 1), [100 * f for f in frac], ls="--", lw=1.3,
+                                   color=IMPL_COLORS.get(impl, "tab:orange"),
+                                   label=f"{r['method']} tokens selected ({IMPL_NAMES.get(impl, impl)}, right axis)")
+                handles.append(line)
+            ax2.set_ylim(0, 105)
+            ax2.set_ylabel("gated LoRA: tokens selected, % (dashed)", fontsize=8)
+        ax.legend(handles=handles, fontsize=7, ncol=2)
         for ax, key, ylabel, title in (
                 (axes[i][1], "step_ms", "median step ms (CPU, measured; log scale)",
                  f"{m}: step time (whiskers p20-p80): lower is better"),
@@ -391,6 +424,13 @@ def run(models: Sequence[str], methods: Sequence[str], *, quick: bool, steps: in
                     continue
                 result["rows"].append(r.row())
                 result["curves"][f"{name}/{method}/{impl}"] = r.losses
+                if r.selected:
+                    result.setdefault("selected", {})[f"{name}/{method}/{impl}"] = r.selected
+        lora = {r["impl"]: r for r in result["rows"] if r["model"] == name and r["method"] == "lora"}
+        for r in result["rows"]:  # gated LoRA's loss next to LoRA's, in the note
+            if r["model"] == name and r["method"] == "gated_lora" and r["impl"] in lora \
+                    and lora[r["impl"]].get("loss_last") is not None and r["status"] == "ok":
+                r["note"] += f"; LoRA's last loss {lora[r['impl']]['loss_last']:.3f}"
     return result
 
 

@@ -207,7 +207,8 @@ def test_nothing_of_size_m_by_n_is_saved():
         sb = pfp.perf.saved_bytes(lambda x: pfp.gated_lora_linear(x, w, None, a, b, 2.0, tau, gate_grad=mode), x)
         shapes = [tuple(t.shape) for t in sb.tensors]
         assert (M, N) not in shapes, shapes
-        assert sb.total_bytes == 4 * (M * K + M * R + M) + M, shapes  # x, u, ratio (fp32), selected (bool)
+        # x, u, ratio (fp32), selected (bool) and the threshold the forward used (one fp32 scalar)
+        assert sb.total_bytes == 4 * (M * K + M * R + M) + M + 4, shapes
 
 
 def test_opcheck_primitives():
@@ -215,9 +216,11 @@ def test_opcheck_primitives():
     tau = torch.tensor(0.3)
     args = (d["x"], None, d["weight"], d["bias"], d["lora_a"], d["lora_b"], 2.0, tau, "torch")
     torch.library.opcheck(torch.ops.pyfastpeft.gated_lora_linear_fwd.default, args)
-    y, u, ratio, sel = torch.ops.pyfastpeft.gated_lora_linear_fwd(*args)
+    y, u, ratio, sel, thr = torch.ops.pyfastpeft.gated_lora_linear_fwd(*args)
+    assert torch.equal(thr, tau)  # max(tau, 0) without a budget
+    torch.library.opcheck(torch.ops.pyfastpeft.gated_lora_linear_fwd.default, args + (0.5,))
     for full in (False, True):
         for mode in (0, 1, 2):
             torch.library.opcheck(torch.ops.pyfastpeft.gated_lora_linear_bwd.default,
                                   (torch.randn_like(y), d["x"], d["x"], u, ratio, sel, d["weight"], d["lora_a"],
-                                   d["lora_b"], 2.0, tau, 0.5, full, mode, "torch"))
+                                   d["lora_b"], 2.0, thr, 0.5, full, mode, "torch"))

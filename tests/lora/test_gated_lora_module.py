@@ -46,7 +46,7 @@ def test_merge_only_when_every_token_is_selected():
 
 def test_gate_loss_raises_tau_and_lowers_selection():
     torch.manual_seed(0)
-    model = nn.Sequential(pfp.nn.GatedLoRALinear.from_linear(nn.Linear(32, 32), r=4, alpha=8, gate_width=0.1),
+    model = nn.Sequential(pfp.nn.GatedLoRALinear.from_linear(nn.Linear(32, 32), r=4, alpha=8),
                           nn.ReLU(), pfp.nn.GatedLoRALinear.from_linear(nn.Linear(32, 8), r=2, alpha=4))
     with pytest.raises(ValueError, match="no GatedLoRALinear"):
         pfp.gate_loss(nn.Linear(2, 2))
@@ -78,7 +78,7 @@ def test_training_with_task_and_gate_loss():
     with torch.no_grad():  # the task: a rank-2 change of the first layer
         target_model[0].weight += 0.5 * torch.randn(64, 2) @ torch.randn(2, 24) / 24 ** 0.5
     model = copy.deepcopy(base).requires_grad_(False)
-    model[0] = pfp.nn.GatedLoRALinear.from_linear(model[0], r=4, alpha=8, gate_width=0.05)
+    model[0] = pfp.nn.GatedLoRALinear.from_linear(model[0], r=4, alpha=8)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses, fracs = [], []
     for step in range(60):

@@ -146,9 +146,9 @@ def test_gate_declared_bytes_and_stable_compaction(M, R, G, q, dtype):
     # τ at the quantile q: q = 0 selects all (τ at the smallest ratio, a tie), q > 1 selects none
     tau = torch.tensor(float(want.quantile(min(q, 1.0))) * (2.0 if q > 1 else 1.0), dtype=torch.float32)
     with trace_memory() as tr:
-        ratio, sel, index, count = gk.gate(u, b, hsq, 0.7, tau)
+        ratio, sel, index, count, thr = gk.gate(u, b, hsq, 0.7, tau)
     torch.testing.assert_close(ratio.double(), want, rtol=1e-5, atol=0)
-    assert torch.equal(sel, ratio >= tau.clamp(min=0))
+    assert torch.equal(sel, ratio >= tau.clamp(min=0)) and torch.equal(thr, tau.clamp(min=0))
     n = int(count)
     assert n == int(sel.sum()) and (n == M) == (q == 0.0) and (n == 0) == (q > 1)
     assert torch.equal(index[:n].long(), torch.nonzero(sel).flatten())

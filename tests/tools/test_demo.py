@@ -38,6 +38,12 @@ def test_demo_quick_writes_table_and_plot(tmp_path, capsys):
         a, b = by[(m, "lora", "pyfastpeft")], by[(m, "lora", "peft")]
         assert a["trainable_params"] == b["trainable_params"]
         assert a["loss_last"] == pytest.approx(b["loss_last"], rel=1e-4)
+    if "gated_lora" in available_methods():  # its selected fraction per step, in the JSON and the table's note
+        for m in ("vit", "llama"):
+            frac = data["selected"][f"{m}/gated_lora/pyfastpeft"]
+            assert len(frac) == 6 and frac[0] == 1.0 and all(0.0 <= f <= 1.0 for f in frac), frac
+            note = by[(m, "gated_lora", "pyfastpeft")]["note"]
+            assert note.startswith(f"tokens selected 100% -> {100 * frac[-1]:.0f}%") and "LoRA's last loss" in note
     with open(out / "demo.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (out / "demo.png").stat().st_size > 10_000

@@ -9,15 +9,17 @@ Maths: ``docs/token_selective.md``. 2-D ``x (M, K)``, ``W (N, K)``, ``A (R, K)``
 * ``_gate_kernel`` (row blocks): ``‖m_i‖² = s² u_iᵀ (BᵀB) u_i`` from ``u`` and the ``R x R`` Gram of B,
   ``r_i = ‖m_i‖ / max(‖h_i‖, ε)``, ``S_i = r_i ≥ max(τ, 0)``; then ``_compact_kernel`` (one program, one
   byte per row) writes the stable compaction of the selected row indices (in-block prefix sums plus a
-  running count; the count stays on the device).
+  running count; the count stays on the device). With a budget (``target_fraction = p``) the threshold is
+  ``max(τ, 0, t_p)``, ``t_p`` the ``(1 − p)`` quantile of the batch's ratios (``torch.kthvalue`` on the device),
+  and the flags are recomputed against it before the compaction.
 * ``_gated_expand_kernel``: ``y_i += s · u_i Bᵀ`` for ``i`` in the compacted list, gathered by index (as
   vLLM's LoRA kernels gather their sorted tokens): programs past the count return at once, so the
   expand's work and traffic are ∝ the selected rows.
 * backward: the LoRA dx kernel with ``HAS_SEL`` (``dx = dy W + (S ⊙ g) A`` in one GEMM over the
   concatenated reduction, ``g = s · dy B`` stored for every row), then ``dA = (S ⊙ g)ᵀ x_lora`` and
   ``dB = s · dyᵀ (S ⊙ u)`` with the LoRA reduction kernel over selected rows only (unselected rows of x and
-  dy are never read), and the τ surrogate gradient from ``g · u`` (``(M, R)`` tensors) via
-  ``pyfastpeft.lora.gate.finish_gate``.
+  dy are never read), and the τ surrogate gradient (the scale-free window) from ``g · u`` (``(M, R)``
+  tensors) via ``pyfastpeft.lora.gate.finish_gate``.
 
 Not fused yet: the backward's kernels still take the selection as per-row flags (programs run over every
 row block; unselected rows move no bytes, but their programs run) rather than the compacted list; the
@@ -32,7 +34,7 @@ import triton
 import triton.language as tl
 
 from pyfastpeft.core.alloc import empty_out
-from pyfastpeft.lora.gate import EPS, finish_gate, gram as _gram
+from pyfastpeft.lora.gate import EPS, effective_threshold, finish_gate, gram as _gram
 from pyfastpeft.triton_kernels.lora import lora_linear as _lk
 from pyfastpeft.core.triton_config import AOTSpec, autotune_configs, interpreting
 from pyfastpeft.core.cost import cdiv as _cdiv
@@ -246,34 +248,40 @@ def compact_block(M: int) -> int:
     return 32 if interpreting() else 1024
 
 
-def gate(u, lora_b, hsq, scale: float, tau):
-    """``(ratio (M,) fp32, selected (M,) bool, index (M,) int32, count (1,) int32)``; ``index[:count]`` are
-    the selected rows in increasing order, the count stays on the device (no host sync). Two launches: the
+def gate(u, lora_b, hsq, scale: float, tau, target_fraction=None):
+    """``(ratio (M,) fp32, selected (M,) bool, index (M,) int32, count (1,) int32, thr () fp32)``; ``index[:count]``
+    are the selected rows in increasing order, the count stays on the device (no host sync). Two launches: the
     gate over row blocks (reads ``u``, the ``R x R`` Gram of B, a torch matmul on ``(N, R)``, and
-    ``hsq (G, M)``: nothing of size M x N), then the one-program compaction of the flags."""
+    ``hsq (G, M)``: nothing of size M x N), then the one-program compaction of the flags. With a budget
+    ``target_fraction`` the gate's flags are recomputed (one byte per row) against ``thr = max(τ, 0, t_p)``,
+    ``t_p`` the batch quantile of the ratios (``torch.kthvalue`` on the device), before the compaction."""
     M, R = u.shape
     gram = _gram(lora_b)  # fp32, also under autocast
     ratio = empty_out((M,), like=u, dtype=torch.float32)
     selected = torch.empty((M,), dtype=torch.bool, device=u.device)
     index = empty_out((M,), like=u, dtype=torch.int32)
     count = torch.empty((1,), dtype=torch.int32, device=u.device)
+    thr = tau.detach().float().reshape(()).clamp(min=0)  # the kernel clamps too; the NaN check is the caller's
     BM = gate_block_m(R)
-    _gate_kernel[(triton.cdiv(M, BM),)](u, gram, hsq, tau, ratio, selected.view(torch.uint8), M, R, hsq.shape[0],
+    _gate_kernel[(triton.cdiv(M, BM),)](u, gram, hsq, thr, ratio, selected.view(torch.uint8), M, R, hsq.shape[0],
                                        float(scale), u.stride(0), u.stride(1), EPS=EPS, BLOCK_M=BM,
                                        BLOCK_R=_lk._block_r(R), BLOCK_J=min(32, _lk._block_r(R)),
                                        num_warps=_GATE_CONFIG.num_warps)
+    if target_fraction is not None:
+        thr = effective_threshold(ratio, tau, target_fraction, torch.float32)
+        torch.ge(ratio, thr, out=selected)  # NaN ratios compare false, as in the kernel
     _compact_kernel[(1,)](selected.view(torch.uint8), index, count, M, BLOCK=compact_block(M),
                           num_warps=_COMPACT_CONFIG.num_warps)
-    return ratio, selected, index, count
+    return ratio, selected, index, count, thr
 
 
-def gated_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale: float, tau):
-    """(y, u, ratio, selected) of the fallback contract (``pyfastpeft.lora.torch_gated.fwd``)."""
+def gated_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale: float, tau, target_fraction=None):
+    """(y, u, ratio, selected, thr) of the fallback contract (``pyfastpeft.lora.torch_gated.fwd``)."""
     y, u, hsq = gated_base(x, x_lora, weight, bias, lora_a)
     u = _lk._finish(u, x.dtype)
-    ratio, selected, index, count = gate(u, lora_b, hsq, scale, tau)
+    ratio, selected, index, count, thr = gate(u, lora_b, hsq, scale, tau, target_fraction)
     gated_expand_(y, u, lora_b, index, count, scale)
-    return _lk._finish(y, x.dtype), u, ratio, selected
+    return _lk._finish(y, x.dtype), u, ratio, selected, thr
 
 
 def gated_bwd(dy, x, x_lora, u, ratio, selected, weight, lora_a, lora_b, scale: float, tau, gate_width: float,
