@@ -27,17 +27,17 @@ from torch import Tensor
 
 from pyfastpeft.core.cost import launch
 from pyfastpeft.core.backend import Backend, OpRegistry
-from pyfastpeft.core.checks import check_finite_tensor, compute_dtype
+from pyfastpeft.core.checks import check_scalar, check_finite_tensor, compute_dtype
 from pyfastpeft.core.dtypes import acc_dtype
 from pyfastpeft.lora import torch_gated as _fallback
 from pyfastpeft.core.amp import autocast_as, autocast_off, autocast_state
 from pyfastpeft.lora.gate import effective_threshold, gram as _gram
 from pyfastpeft.core import ext as _ext
-from pyfastpeft.lora.lora_linear import (_ORDER, _cuda_available, _cuda_supports, _triton_available,
+from pyfastpeft.lora.lora_linear import (_ORDER, VENDOR_ORDER, _cuda_available, _cuda_supports, _triton_available,
                                        _triton_devices, _triton_why, launch, lora_linear, validate_lora_args)
 
-FWD = OpRegistry("gated_lora_linear_fwd", public="gated_lora_linear", order=_ORDER)
-BWD = OpRegistry("gated_lora_linear_bwd", public="gated_lora_linear", order=_ORDER)
+FWD = OpRegistry("gated_lora_linear_fwd", public="gated_lora_linear", order=_ORDER, vendor_order=VENDOR_ORDER)
+BWD = OpRegistry("gated_lora_linear_bwd", public="gated_lora_linear", order=_ORDER, vendor_order=VENDOR_ORDER)
 FWD.register(Backend("torch", _fallback.fwd, devices=lambda: ("cpu", "cuda")))
 BWD.register(Backend("torch", _fallback.bwd, devices=lambda: ("cpu", "cuda")))
 
@@ -186,11 +186,16 @@ def check_target_fraction(target_fraction) -> Optional[float]:
     """``None`` or a number in (0, 1]; anything else raises ``ValueError`` naming ``target_fraction``."""
     if target_fraction is None:
         return None
-    if isinstance(target_fraction, bool) or not isinstance(target_fraction, numbers.Real) or \
-            not 0.0 < float(target_fraction) <= 1.0:
-        raise ValueError(f"target_fraction must be None or a number in (0, 1] (the fraction of tokens to select), "
-                         f"got {target_fraction!r}")
-    return float(target_fraction)
+    msg = f"target_fraction must be None or a number in (0, 1] (the fraction of tokens to select), got {target_fraction!r}"
+    try:
+        p = check_scalar("target_fraction", target_fraction)  # a number or a 0-d tensor, finite
+    except ValueError:
+        raise ValueError(msg) from None
+    if isinstance(p, (torch.SymFloat, Tensor)):
+        return p
+    if not 0.0 < p <= 1.0:
+        raise ValueError(msg)
+    return p
 
 
 def _validate_gate(tau, gate_width, gate_grad, x) -> None:
@@ -200,7 +205,8 @@ def _validate_gate(tau, gate_width, gate_grad, x) -> None:
     if tau.device != x.device:
         raise ValueError(f"tau is on {tau.device} but x is on {x.device}: all tensors must share a device")
     check_finite_tensor("tau", tau)  # NaN / inf: one answer on every backend (eager only: it reads tau back)
-    if isinstance(gate_width, bool) or not isinstance(gate_width, numbers.Real) or not gate_width > 0:
+    width = check_scalar("gate_width", gate_width)  # a number or a 0-d tensor, finite
+    if not isinstance(width, (torch.SymFloat, Tensor)) and not width > 0:
         raise ValueError(f"gate_width must be a number > 0, got {gate_width!r}")
     if gate_grad not in GATE_GRADS:
         raise ValueError(f"gate_grad must be one of {GATE_GRADS}, got {gate_grad!r}")
