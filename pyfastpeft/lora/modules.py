@@ -11,7 +11,7 @@ layout so :meth:`from_peft` / :meth:`to_peft_state` map one to one.
 ``GatedLoRALinear``: token-selective LoRA (TS-PEFT) on an ``nn.Linear`` base layer.
 
 LoRA as :class:`~pyfastpeft.nn.LoRALinear` (same parameters, PEFT's init), plus a learnable scalar
-threshold ``tau``: a token gets the LoRA update only when ``‖m_i‖ / ‖W x_i‖ ≥ max(tau, 0)``
+threshold ``tau`` (a 1-element tensor): a token gets the LoRA update only when ``‖m_i‖ / ‖W x_i‖ ≥ max(tau, 0)``
 (``docs/token_selective.md``). Add ``λ · pfp.gate_loss(model)`` to the loss to push ``tau`` up and
 select fewer tokens; ``selected_fraction`` reports the last forward's fraction.
 """
@@ -129,7 +129,9 @@ class GatedLoRALinear(LoRALinear):
             raise ValueError(f"gate_width must be > 0, got {gate_width!r}")
         if gate_grad not in GATE_GRADS:
             raise ValueError(f"gate_grad must be one of {GATE_GRADS}, got {gate_grad!r}")
-        self.tau = nn.Parameter(torch.tensor(float(tau_init), device=base_layer.weight.device))
+        # shape (1,), not 0-d: FSDP2 shards only parameters with a dimension (0-d files still load)
+        self.tau = nn.Parameter(torch.full((1,), float(tau_init), device=base_layer.weight.device))
+        self._register_load_state_dict_pre_hook(_tau_from_0d)
         self.gate_width, self.gate_grad = float(gate_width), gate_grad
         self._ratio: Optional[torch.Tensor] = None
         self._selected: Optional[torch.Tensor] = None
@@ -164,7 +166,7 @@ class GatedLoRALinear(LoRALinear):
     def gate_loss(self) -> torch.Tensor:
         """Mean smoothed selection ``H((r_i − τ)/T)`` of the last forward; its gradient raises ``tau``."""
         if self._ratio is None or self._ratio.numel() == 0:
-            return self.tau * 0.0
+            return self.tau.sum() * 0.0
         return smooth_step((self._ratio.to(self.tau.dtype) - tau_eff(self.tau)) / self.gate_width).mean()
 
     @torch.no_grad()
@@ -178,6 +180,13 @@ class GatedLoRALinear(LoRALinear):
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", tau={float(self.tau.detach()):.4g}, gate_width={self.gate_width:g}, "
                 f"gate_grad={self.gate_grad}")
+
+
+def _tau_from_0d(state_dict, prefix, *_):
+    """``load_state_dict`` of a state saved when ``tau`` was 0-dim: read it as shape ``(1,)``."""
+    t = state_dict.get(prefix + "tau")
+    if isinstance(t, torch.Tensor) and t.dim() == 0:
+        state_dict[prefix + "tau"] = t.reshape(1)
 
 
 def gate_loss(model: nn.Module) -> torch.Tensor:

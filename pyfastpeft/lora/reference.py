@@ -70,7 +70,7 @@ def gated_lora_linear_ref(x, weight, bias, lora_a, lora_b, scale: float, tau: Op
         return (y, sel, ratio) if return_gate else y
     wide = torch.promote_types(x.dtype, torch.float32)  # norms, ratio and comparison in fp32 or wider
     ratio = m.to(wide).norm(dim=-1) / h.to(wide).norm(dim=-1).clamp(min=EPS)
-    t = tau_eff(tau.to(wide))
+    t = tau_eff(tau.to(wide).reshape(()))  # shape () or (1,)
     hard = (ratio >= t.detach()).to(wide)
     r_in = ratio if gate_grad == "full" else ratio.detach()
     soft = smooth_step((r_in - t) / gate_width)

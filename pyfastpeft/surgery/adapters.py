@@ -201,6 +201,8 @@ def load_adapter(model: nn.Module, path, *, backend: Optional[str] = None) -> nn
                              f"{missing[:8]}, unexpected in the file {extra[:8]}")
         for k, src in tensors.items():
             dst = targets[k]
+            if src.dim() == 0 and tuple(dst.shape) == (1,):  # a 0-dim scalar of older files (GatedLoRALinear.tau)
+                tensors[k] = src = src.reshape(1)
             if tuple(src.shape) != tuple(dst.shape):
                 raise ValueError(f"{where}: tensor {k!r} has shape {tuple(src.shape)} in the file but "
                                  f"{tuple(dst.shape)} in the model")
