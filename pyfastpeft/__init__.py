@@ -24,6 +24,9 @@ from pyfastpeft.surgery import (from_peft, inject, load_adapter, merge_and_unloa
                                 summary)
 
 _OPS = _families.ops()
+from pyfastpeft.core import dtensor as _dtensor  # noqa: E402
+
+_dtensor.install()  # our ops on DTensor inputs: one explicit Replicate strategy (docs/distributed.md)
 globals().update({name: op.fn for name, op in _OPS.items() if op.top_level})
 globals().update(_families.exports())
 

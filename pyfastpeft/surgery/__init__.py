@@ -25,7 +25,9 @@ One module per concern, each importing only those before it:
 * :mod:`~pyfastpeft.surgery.injection`: :func:`build_adapter`, :func:`inject`, freezing, :func:`summary`;
 * :mod:`~pyfastpeft.surgery.merge`: :func:`merge_and_unload`;
 * :mod:`~pyfastpeft.surgery.peft`: :func:`from_peft`;
-* :mod:`~pyfastpeft.surgery.adapters`: :func:`save_adapter`, :func:`load_adapter` (adapter files).
+* :mod:`~pyfastpeft.surgery.adapters`: :func:`save_adapter`, :func:`load_adapter` (adapter files);
+* :mod:`~pyfastpeft.surgery.sharding`: FSDP2 / ZeRO-3 models (gathering, saving, merging; imported by the two
+  before it, importing only ``methods`` and ``injection``).
 """
 from __future__ import annotations
 
@@ -38,8 +40,11 @@ from pyfastpeft.surgery.merge import merge_and_unload
 from pyfastpeft.surgery.methods import (METHODS, adapter_state_dict, available_methods, base_layer_of, is_adapter,
                                         method_of)
 from pyfastpeft.surgery.peft import from_peft
+from pyfastpeft.surgery import sharding  # noqa: E402 (FSDP2 / ZeRO-3 helpers)
+from pyfastpeft.surgery.sharding import full_state_dict, is_sharded
 
 __all__ = ["ALL_LINEAR", "TargetSpec", "Builder", "Method", "METHODS", "available_methods", "method_of",
            "is_adapter", "base_layer_of", "adapter_state_dict", "output_head_names", "match_modules",
            "build_adapter", "inject", "Summary", "summary", "merge_and_unload", "from_peft", "FORMAT",
-           "FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME", "save_adapter", "load_adapter"]
+           "FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME", "save_adapter", "load_adapter", "sharding", "is_sharded",
+           "full_state_dict"]

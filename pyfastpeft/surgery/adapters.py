@@ -11,6 +11,7 @@ from torch import nn
 
 from pyfastpeft.core.version import __version__
 from pyfastpeft.families import modules as _family_modules
+from pyfastpeft.surgery import sharding
 from pyfastpeft.surgery.injection import _freeze_all_but_adapters, _replace, build_adapter
 from pyfastpeft.surgery.match import _close_names
 from pyfastpeft.surgery.methods import adapter_state_dict, base_layer_of, is_adapter, method_of
@@ -33,7 +34,20 @@ def save_adapter(model: nn.Module, path) -> Dict[str, Any]:
     """Write the adapters of ``model`` to the directory ``path``: ``adapter_model.safetensors`` (adapter
     parameters and buffers, at their full module path) and ``adapter_config.json`` (method, class, base
     layer type and shape, ``adapter_config()`` per module, pyfastpeft/torch versions). Returns the JSON dict.
+
+    A sharded model (FSDP2, DeepSpeed ZeRO-3): call it on every rank; the adapter tensors are gathered in full,
+    rank 0 writes, and the files equal those of the same model unsharded (``docs/distributed.md``). An unsharded
+    model (one process, DDP) is written by whichever process calls this: under DDP call it on rank 0 only.
     """
+    sharded = sharding.is_sharded(model)
+    with sharding.full_adapters(model):
+        meta = _save_adapter(model, path, write=not sharded or sharding.is_writer())
+    if sharded:
+        sharding.barrier()  # the files exist on every rank's return
+    return meta
+
+
+def _save_adapter(model: nn.Module, path, write: bool = True) -> Dict[str, Any]:
     from safetensors.torch import save_file
 
     out = Path(path)
@@ -53,19 +67,22 @@ def save_adapter(model: nn.Module, path) -> Dict[str, Any]:
         modules[name] = {
             "method": meth, "builder": "from_config" if by_config else "method", "class": type(mod).__name__,
             "base_type": type(base).__name__ if base is not None else None,
-            "base_weight_shape": list(base.weight.shape) if base is not None and hasattr(base, "weight") else None,
+            "base_weight_shape": sharding.full_shape(base.weight) if base is not None and hasattr(base, "weight")
+            else None,
             "config": _jsonable(cfg_fn(), name),
             "backend": getattr(mod, "backend", None),
         }
         for k, t in adapter_state_dict(mod).items():
-            tensors[f"{name}.{k}" if name else k] = t.detach().contiguous().cpu()
+            key = f"{name}.{k}" if name else k
+            tensors[key] = sharding.checked_cpu(key, t)  # never a shard or an empty ZeRO-3 placeholder
     if not modules:
         raise ValueError("save_adapter: the model holds no pyfastpeft adapter layer")
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "pyfastpeft_version": __version__,
             "torch_version": torch.__version__, "modules": modules}
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": FORMAT, "pyfastpeft": __version__})
-    (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    if write:  # a sharded model: rank 0 only
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": FORMAT, "pyfastpeft": __version__})
+        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
     return meta
 
 
@@ -154,7 +171,15 @@ def load_adapter(model: nn.Module, path, *, backend: Optional[str] = None) -> nn
             or a module's settings, a module the model lacks (with close names), a class or method mismatch,
             an adapter that cannot be built from the saved settings, or a tensor missing, unexpected, or of
             another shape or dtype than the model's adapter (the error names the tensor and both).
+
+    A sharded model (FSDP2, DeepSpeed ZeRO-3) must already hold the adapters (inject, then shard): call it on
+    every rank; each reads the file and writes its own shards.
     """
+    with sharding.full_adapters(model, write_back=True):
+        return _load_adapter(model, path, backend=backend)
+
+
+def _load_adapter(model: nn.Module, path, *, backend: Optional[str] = None) -> nn.Module:
     p = Path(path)
     cfg_path, w_path = (p / CONFIG_NAME, p / WEIGHTS_NAME) if p.is_dir() else (p.with_suffix(".json"), p)
     if not cfg_path.is_file() or not w_path.is_file():
@@ -162,6 +187,7 @@ def load_adapter(model: nn.Module, path, *, backend: Optional[str] = None) -> nn
     meta = _read_config(cfg_path)
     tensors = _read_tensors(w_path)
     modules = dict(model.named_modules())
+    sharded = sharding.sharding_of(model)
     # 1. build (not install) each adapter, or reuse an installed one of the same class
     built: Dict[str, nn.Module] = {}
     frozen_before: Dict[int, bool] = {id(q): q.requires_grad for q in model.parameters()}
@@ -180,6 +206,10 @@ def load_adapter(model: nn.Module, path, *, backend: Optional[str] = None) -> nn
                         raise ValueError(f"module {name!r} holds a {type(mod).__name__}, the file a {info['class']}")
                     built[name] = mod
                 else:
+                    if sharded:
+                        raise ValueError(f"module {name!r} holds no adapter and the model is {sharded}-sharded: "
+                                         "inject the adapters (pfp.inject with the saved settings) before sharding, "
+                                         "then load")
                     ad = build_adapter(info["method"], mod, name, backend=backend if backend is not None
                                        else info.get("backend"), **info["config"])
                     if type(ad).__name__ != info["class"]:

@@ -5,6 +5,7 @@ from typing import Dict
 
 from torch import nn
 
+from pyfastpeft.surgery import sharding
 from pyfastpeft.surgery.injection import _replace
 from pyfastpeft.surgery.methods import is_adapter
 
@@ -14,7 +15,12 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
     Raises the adapter's own ``ValueError`` (naming the module) when one cannot be merged, before any
     layer is replaced.
+
+    A sharded model (FSDP2, DeepSpeed ZeRO-3): call it on every rank; each adapter is merged with gathered
+    tensors into its own base layer, which stays sharded (:func:`~pyfastpeft.surgery.sharding.merge_sharded`).
     """
+    if sharding.is_sharded(model):
+        return sharding.merge_sharded(model)
     mapping: Dict[int, nn.Module] = {}
     for name, mod in model.named_modules():
         if is_adapter(mod) and id(mod) not in mapping:
