@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 BATCH, STEPS, LR = 4, 3, 1e-2
-METHOD_LIST = ["lora", "gated_lora", "oft", "psoft", "atoms"]
+METHOD_LIST = os.environ.get("PFP_DIST_METHODS", "lora,gated_lora,oft,psoft,atoms").split(",")
 
 
 def rel(got, want) -> float:
@@ -104,6 +104,20 @@ def shard(model, mode):
     return model
 
 
+def zero3(model):
+    """DeepSpeed ZeRO-3 (CPU accelerator, the existing gloo group), torch's AdamW as the client optimizer."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    cfg = {"train_micro_batch_size_per_gpu": BATCH // dist.get_world_size(), "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+           "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
+    opt = torch.optim.AdamW(params, lr=LR) if params else None
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params or None, optimizer=opt, config=cfg,
+                                      dist_init_required=False)
+    return engine
+
+
 def reference(method, mp: bool):
     """One process, whole batch: gradients, then STEPS AdamW steps; also a bf16 copy's gradients (the
     low-precision baseline of the mixed-precision comparison)."""
@@ -139,9 +153,12 @@ def run_mode(method, mode, rank, world, out: Path, res: dict):
     # save before any step: the file must equal an unsharded save byte for byte
     if rank == 0:
         pfp.save_adapter(make(method), out / key / "plain0")
+    engine = None
     if mode == "ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
         fwd = wrapped
+    elif mode == "zero3":
+        engine = fwd = zero3(model)
     else:
         shard(model, mode)
         fwd = model
@@ -151,26 +168,40 @@ def run_mode(method, mode, rank, world, out: Path, res: dict):
         res[key]["save_bytes_equal"] = same_files(out / key / "plain0", out / key / "sharded0")
 
     # gradients of the local half, averaged by DDP / FSDP2, against the whole batch in one process
-    loss_fn(fwd, x[lo:hi], y[lo:hi]).backward()
+    loss = loss_fn(fwd, x[lo:hi], y[lo:hi])
+    engine.backward(loss) if engine is not None else loss.backward()
     errs, lo_errs = [], []
     for n, p in trainable(model).items():
-        g = full(p.grad)
+        if engine is not None:
+            from deepspeed.utils import safe_get_full_grad
+
+            g = safe_get_full_grad(p)
+        else:
+            g = full(p.grad)
         errs.append(rel(g, grads_ref[n]))
         if grads_lo is not None:
             lo_errs.append(rel(grads_lo[n], grads_ref[n]))
     res[key]["grad"] = max(errs)
     if lo_errs:
         res[key]["grad_lowp_baseline"] = max(lo_errs)
-    opt = torch.optim.AdamW(trainable(model).values(), lr=LR)
-    opt.step()
-    for _ in range(STEPS - 1):
-        opt.zero_grad()
-        loss_fn(fwd, x[lo:hi], y[lo:hi]).backward()
+    if engine is not None:
+        engine.step()
+        for _ in range(STEPS - 1):
+            engine.backward(loss_fn(fwd, x[lo:hi], y[lo:hi]))
+            engine.step()
+    else:
+        opt = torch.optim.AdamW(trainable(model).values(), lr=LR)
         opt.step()
+        for _ in range(STEPS - 1):
+            opt.zero_grad()
+            loss_fn(fwd, x[lo:hi], y[lo:hi]).backward()
+            opt.step()
     want = adapter_tensors(ref)
     got = adapter_tensors(model)
     res[key]["train"] = max(rel(got[k], want[k]) for k in want)
-    if mode != "ddp":
+    if mode == "zero3":
+        res[key]["bytes_per_rank"] = sum(t.ds_tensor.numel() * t.ds_tensor.element_size() for t in model.parameters())
+    elif mode != "ddp":
         res[key]["bytes_per_rank"] = sum(t.to_local().numel() * t.element_size() if pfp.surgery.sharding.is_dtensor(t)
                                          else t.numel() * t.element_size() for t in model.parameters())
     else:
@@ -191,13 +222,13 @@ def run_mode(method, mode, rank, world, out: Path, res: dict):
                 for t in pfp.surgery.adapter_state_dict(m).values():
                     if t.is_floating_point():
                         t.add_(0.5)
-    fwd2 = torch.nn.parallel.DistributedDataParallel(fresh) if mode == "ddp" else shard(fresh, mode)
+    fwd2 = {"ddp": torch.nn.parallel.DistributedDataParallel, "zero3": zero3}.get(mode, lambda m: shard(m, mode))(fresh)
     pfp.load_adapter(fresh, out / key / "trained")
     back = adapter_tensors(fresh)
     res[key]["load"] = max(rel(back[k], saved[k]) for k in saved)
     # a fresh sharded model cannot take adapters injected after sharding: a ValueError, model untouched
     if mode != "ddp":
-        plain = shard(tiny_llama(), mode)
+        plain = zero3(tiny_llama()).module if mode == "zero3" else shard(tiny_llama(), mode)
         try:
             pfp.load_adapter(plain, out / key / "trained")
             res[key]["load_uninjected_error"] = "no error"
@@ -253,7 +284,8 @@ def main(rank, world, port, out, modes):
     import faulthandler
 
     faulthandler.dump_traceback_later(float(os.environ.get("PFP_DIST_TIMEOUT", "240")), exit=True)  # never hang
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     out = Path(out)

@@ -1,13 +1,16 @@
-"""Every method under DDP, FSDP2 and FSDP2 + MixedPrecisionPolicy(bf16 params, fp32 reduce): 2 CPU processes
+"""Every method under DDP, FSDP2, FSDP2 + MixedPrecisionPolicy(bf16 params, fp32 reduce) and DeepSpeed ZeRO-3
+(when DeepSpeed is installed: the ``test`` extra installs it): 2 CPU processes
 (gloo), one process group for everything (``_dist_worker.py``), each against one process on the whole batch:
 gradients, 3 AdamW steps, save (files equal to an unsharded save), reload into a sharded model, merge.
 
 Budgets: fp32 modes ``PEER_REL`` (the same maths, another summation order); bf16 mixed precision
 ``GRAD_FACTOR x`` the error of a bf16 copy of the model in one process (same precision, no sharding) plus the
-bf16 floor, as every low-precision check in ``pyfastpeft.testing``.
+bf16 floor, as every low-precision check in ``pyfastpeft.testing``. DeepSpeed on CPU compiles its
+shared-memory communication op on first use (minutes, once; cached in ``~/.cache/torch_extensions``).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -21,7 +24,11 @@ import torch
 from pyfastpeft.testing import GRAD_FACTOR, LOWP_FLOOR, PEER_REL
 
 ROOT = Path(__file__).resolve().parents[2]
-MODES = ["ddp", "fsdp2", "fsdp2_mp"]
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+MODES = ["ddp", "fsdp2", "fsdp2_mp"] + (["zero3"] if HAS_DEEPSPEED else [])
+ALL_MODES = [m if m in MODES else pytest.param(m, marks=pytest.mark.skip(
+    reason="DeepSpeed is not installed (pip install 'pyfastpeft[test]' installs it)")) for m in
+    ["ddp", "fsdp2", "fsdp2_mp", "zero3"]]
 METHODS = ["lora", "gated_lora", "oft", "psoft", "atoms"]
 
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
@@ -39,9 +46,9 @@ def _free_port() -> int:
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "PFP_DIST_TIMEOUT": "400"}
+           "PFP_DIST_TIMEOUT": "560", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "surgery" / "_dist_worker.py"), str(_free_port()),
-                           str(out), ",".join(MODES)], env=env, capture_output=True, text=True, timeout=480)
+                           str(out), ",".join(MODES)], env=env, capture_output=True, text=True, timeout=600)
     path = out / "results_rank0.json"
     res = json.loads(path.read_text()) if path.is_file() else {}
     errors = {k: v["error"] for k, v in res.items() if "error" in v}
@@ -50,7 +57,7 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 @pytest.mark.parametrize("method", METHODS)
 def test_matches_one_process(results, method, mode):
     r = results[f"{method}/{mode}"]
@@ -70,10 +77,12 @@ def test_matches_one_process(results, method, mode):
 
 
 @pytest.mark.slow
-def test_fsdp2_holds_half_the_parameter_bytes_per_rank(results):
+def test_sharding_holds_half_the_parameter_bytes_per_rank(results):
     for method in METHODS:
-        ddp, fsdp = results[f"{method}/ddp"]["bytes_per_rank"], results[f"{method}/fsdp2"]["bytes_per_rank"]
-        assert fsdp <= ddp / 2 + 64 * 4 * 16, (method, ddp, fsdp)  # half, plus at most one padded row per tensor
+        ddp = results[f"{method}/ddp"]["bytes_per_rank"]
+        for mode in set(MODES) - {"ddp"}:
+            got = results[f"{method}/{mode}"]["bytes_per_rank"]
+            assert ddp / 2 <= got <= ddp / 2 + 64 * 4 * 16, (method, mode, ddp, got)  # + padding of odd rows
 
 
 @pytest.mark.slow
