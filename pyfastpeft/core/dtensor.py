@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import math
 import sys
 import threading
 
@@ -84,6 +85,14 @@ class _Hook(importlib.abc.MetaPathFinder):
 
         loader.exec_module = exec_and_register
         return spec
+
+
+def is_shard(t) -> bool:
+    """A parameter that does not hold its full value here: an FSDP2 ``DTensor`` outside its module's forward,
+    or a DeepSpeed ZeRO-3 placeholder outside ``GatheredParameters``. No import of torch.distributed."""
+    if type(t).__name__ == "DTensor":
+        return True
+    return hasattr(t, "ds_id") and hasattr(t, "ds_shape") and t.numel() != math.prod(t.ds_shape)
 
 
 def install() -> None:

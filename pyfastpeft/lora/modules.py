@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from pyfastpeft.core.backend import _check_name
+from pyfastpeft.core.dtensor import is_shard
 from pyfastpeft.lora.lora_linear import lora_linear
 from pyfastpeft.lora.gate import smooth_step, tau_eff
 from pyfastpeft.lora.gated_lora_linear import GATE_GRADS, gated_lora_linear
@@ -165,6 +166,10 @@ class GatedLoRALinear(LoRALinear):
 
     def gate_loss(self) -> torch.Tensor:
         """Mean smoothed selection ``H((r_i − τ)/T)`` of the last forward; its gradient raises ``tau``."""
+        if is_shard(self.tau):
+            raise ValueError("gate_loss reads tau outside the layer's forward, where FSDP2 / ZeRO-3 hold only a "
+                             "shard of it: gate_loss is not supported on a sharded model yet (train gated LoRA "
+                             "with DDP, or without the gate loss; docs/distributed.md)")
         if self._ratio is None or self._ratio.numel() == 0:
             return self.tau.sum() * 0.0
         return smooth_step((self._ratio.to(self.tau.dtype) - tau_eff(self.tau)) / self.gate_width).mean()
@@ -178,7 +183,8 @@ class GatedLoRALinear(LoRALinear):
         return super().merged()
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", tau={float(self.tau.detach()):.4g}, gate_width={self.gate_width:g}, "
+        tau = "sharded" if is_shard(self.tau) else f"{float(self.tau.detach()):.4g}"  # printing never gathers
+        return (super().extra_repr() + f", tau={tau}, gate_width={self.gate_width:g}, "
                 f"gate_grad={self.gate_grad}")
 
 

@@ -118,9 +118,22 @@ def zero3(model):
     return engine
 
 
+_REFS: dict = {}
+
+
 def reference(method, mp: bool):
     """One process, whole batch: gradients, then STEPS AdamW steps; also a bf16 copy's gradients (the
-    low-precision baseline of the mixed-precision comparison)."""
+    low-precision baseline of the mixed-precision comparison). Computed once per (method, mp)."""
+    if (method, mp) not in _REFS:
+        grads, base_lo, ref = _reference(method, mp)
+        _REFS[(method, mp)] = grads, base_lo, {k: v.detach().clone() for k, v in ref.state_dict().items()}
+    grads, base_lo, state = _REFS[(method, mp)]
+    ref = make(method)
+    ref.load_state_dict(state)
+    return grads, base_lo, ref
+
+
+def _reference(method, mp: bool):
     x, y = batch()
     ref = make(method)
     loss_fn(ref, x, y).backward()
@@ -162,6 +175,13 @@ def run_mode(method, mode, rank, world, out: Path, res: dict):
     else:
         shard(model, mode)
         fwd = model
+    repr(model)  # printing a sharded model reads tau and shapes outside any forward
+    if method == "gated_lora" and mode != "ddp":  # reads tau outside the forward: a clear error, not a wrong loss
+        try:
+            pfp.gate_loss(model)
+            res[key]["gate_loss_refused"] = "no error"
+        except ValueError as e:
+            res[key]["gate_loss_refused"] = "ok" if "not supported on a sharded model" in str(e) else str(e)
     pfp.save_adapter(model, out / key / "sharded0")
     dist.barrier()
     if rank == 0:
