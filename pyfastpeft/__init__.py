@@ -24,6 +24,9 @@ from pyfastpeft.surgery import (disable_adapters, from_peft, inject, load_adapte
                                 save_adapter, summary, unload)
 
 _OPS = _families.ops()
+from pyfastpeft.core import dtensor as _dtensor  # noqa: E402
+
+_dtensor.install()  # our ops on DTensor inputs: one explicit Replicate strategy (docs/distributed.md)
 globals().update({name: op.fn for name, op in _OPS.items() if op.top_level})
 globals().update(_families.exports())
 

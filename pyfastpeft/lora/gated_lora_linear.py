@@ -2,8 +2,9 @@
 
     y_i = W x_i + b + S_i · scale · B A dropout(x)_i,   S_i = [‖m_i‖ / max(‖W x_i‖, ε) ≥ max(τ, 0[, t_p])]
 
-Shapes as ``lora_linear``; ``tau`` is a 0-dim floating tensor (learnable). ``tau=None`` is dense LoRA on
-``lora_linear``'s kernels. Saved for backward: ``x_lora`` (x itself without dropout), ``u (M, R)``,
+Shapes as ``lora_linear``; ``tau`` is a floating tensor holding one value, 0-dim or shape ``(1,)``
+(learnable; the layer's is ``(1,)`` so that FSDP2 can shard it), passed on to the backends as 0-dim.
+``tau=None`` is dense LoRA on ``lora_linear``'s kernels. Saved for backward: ``x_lora`` (x itself without dropout), ``u (M, R)``,
 ``ratio (M,)`` and ``selected (M,)``, plus ``x`` for ``gate_grad="full"`` with dropout: nothing of size
 ``M × N``. The τ gradient is a scale-free triangle-window surrogate (half-width ``gate_width · σ``, ``σ`` the
 larger of the mean ratio and the threshold); the clamp ``max(τ, 0)`` and a budget's floor (``target_fraction``:
@@ -199,8 +200,8 @@ def check_target_fraction(target_fraction) -> Optional[float]:
 
 
 def _validate_gate(tau, gate_width, gate_grad, x) -> None:
-    if not isinstance(tau, Tensor) or tau.dim() != 0 or not tau.is_floating_point():
-        raise ValueError(f"tau must be a 0-dim floating tensor (or None for dense LoRA), got "
+    if not isinstance(tau, Tensor) or tau.dim() > 1 or tau.numel() != 1 or not tau.is_floating_point():
+        raise ValueError(f"tau must be a floating tensor of shape () or (1,) (or None for dense LoRA), got "
                          f"{type(tau).__name__ if not isinstance(tau, Tensor) else f'shape {tuple(tau.shape)} {tau.dtype}'}")
     if tau.device != x.device:
         raise ValueError(f"tau is on {tau.device} but x is on {x.device}: all tensors must share a device")
@@ -220,7 +221,7 @@ def gated_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
 
     Args:
         x, weight, bias, lora_a, lora_b, scale, dropout_p, backend: as :func:`pyfastpeft.lora_linear`.
-        tau: 0-dim floating tensor, the learnable threshold (clamped at 0 in the forward); ``None`` = dense LoRA.
+        tau: floating tensor of shape ``()`` or ``(1,)``, the learnable threshold (clamped at 0 in the forward); ``None`` = dense LoRA.
         gate_width: relative half-width ``T`` of the triangle surrogate window (> 0): the window is
             ``|r_i − t| < T · σ``, ``σ = max(mean ratio, t)`` (scale-free; ``docs/token_selective.md`` §2).
         target_fraction: ``None``, or a budget ``p`` in (0, 1]: the threshold becomes ``max(τ, 0, t_p)``, ``t_p``
@@ -273,7 +274,8 @@ def _gated_lora_linear(x, weight, bias, lora_a, lora_b, scale, tau, *, gate_widt
     x2 = x.to(dt).reshape(-1, K)
     x_lora = F.dropout(x2, float(dropout_p), training=True) if dropout_p > 0 else None
     y, selected, ratio, thr = GatedLoRALinearFn.apply(
-        x2, x_lora, weight.to(dt), None if bias is None else bias.to(dt), lora_a.to(dt), lora_b.to(dt), tau,
+        x2, x_lora, weight.to(dt), None if bias is None else bias.to(dt), lora_a.to(dt), lora_b.to(dt),
+        tau.reshape(()),
         float(scale), float(gate_width), gate_grad == "full", backend, target_fraction)
     return y.reshape(*lead, N), selected, ratio, thr
 

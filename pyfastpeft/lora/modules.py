@@ -13,7 +13,7 @@ layout so :meth:`from_peft` / :meth:`to_peft_state` map one to one.
 ``GatedLoRALinear``: token-selective LoRA (TS-PEFT) on an ``nn.Linear`` base layer.
 
 LoRA as :class:`~pyfastpeft.nn.LoRALinear` (same parameters, PEFT's init), plus a learnable scalar
-threshold ``tau``: a token gets the LoRA update only when ``‖m_i‖ / ‖W x_i‖ ≥ max(tau, 0)``
+threshold ``tau`` (a 1-element tensor): a token gets the LoRA update only when ``‖m_i‖ / ‖W x_i‖ ≥ max(tau, 0)``
 (``docs/token_selective.md``). Add ``λ · pfp.gate_loss(model)`` to the loss to push ``tau`` up and
 select fewer tokens; ``selected_fraction`` reports the last forward's fraction.
 """
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from pyfastpeft.core.backend import _check_name
+from pyfastpeft.core.dtensor import is_shard
 from pyfastpeft.lora.lora_linear import lora_linear
 from pyfastpeft.lora.gate import smooth_step, window_z
 from pyfastpeft.lora.gated_lora_linear import GATE_GRADS, _gated_lora_linear, check_target_fraction
@@ -315,7 +316,9 @@ class GatedLoRALinear(LoRALinear):
             raise ValueError(f"gate_grad must be one of {GATE_GRADS}, got {gate_grad!r}")
         if isinstance(tau_init, bool) or not isinstance(tau_init, numbers.Real) or not math.isfinite(tau_init):
             raise ValueError(f"tau_init must be a finite number, got {tau_init!r}")
-        self.tau = nn.Parameter(torch.tensor(float(tau_init), device=base_layer.weight.device))
+        # shape (1,), not 0-d: FSDP2 shards only parameters with a dimension (0-d files still load)
+        self.tau = nn.Parameter(torch.full((1,), float(tau_init), device=base_layer.weight.device))
+        self._register_load_state_dict_pre_hook(_tau_from_0d)
         self.set_target_fraction(target_fraction)  # tau_budget nan: no training batch yet (eval uses tau alone)
         self.gate_width, self.gate_grad = float(gate_width), gate_grad
         self._ratio: Optional[torch.Tensor] = None
@@ -378,6 +381,10 @@ class GatedLoRALinear(LoRALinear):
     def gate_loss(self) -> torch.Tensor:
         """Mean smoothed selection ``H((r_i − t)/(T σ))`` of the last forward (``t`` its threshold, ``σ`` the
         ratios' scale); its gradient raises ``tau``."""
+        if is_shard(self.tau):
+            raise ValueError("gate_loss reads tau outside the layer's forward, where FSDP2 / ZeRO-3 hold only a "
+                             "shard of it: gate_loss is not supported on a sharded model yet (train gated LoRA "
+                             "with DDP, or use target_fraction without the gate loss; docs/distributed.md)")
         tau = self.tau.reshape(())
         if self._ratio is None or self._ratio.numel() == 0 or self._thr is None:
             return tau * 0.0
@@ -401,9 +408,16 @@ class GatedLoRALinear(LoRALinear):
         return super().merged()
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", tau={float(self.tau.detach().reshape(())):.4g}, "
-                f"gate_width={self.gate_width:g}, gate_grad={self.gate_grad}"
+        tau = "sharded" if is_shard(self.tau) else f"{float(self.tau.detach().reshape(())):.4g}"  # never gathers
+        return (super().extra_repr() + f", tau={tau}, gate_width={self.gate_width:g}, gate_grad={self.gate_grad}"
                 + (f", target_fraction={self.target_fraction:g}" if self.target_fraction is not None else ""))
+
+
+def _tau_from_0d(state_dict, prefix, *_):
+    """``load_state_dict`` of a state saved when ``tau`` was 0-dim: read it as shape ``(1,)``."""
+    t = state_dict.get(prefix + "tau")
+    if isinstance(t, torch.Tensor) and t.dim() == 0:
+        state_dict[prefix + "tau"] = t.reshape(1)
 
 
 def gate_loss(model: nn.Module) -> torch.Tensor:

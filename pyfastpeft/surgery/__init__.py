@@ -26,7 +26,9 @@ One module per concern, each importing only those before it:
 * :mod:`~pyfastpeft.surgery.merge`: :func:`merge_and_unload`, :func:`unload`, :func:`disable_adapters`;
 * :mod:`~pyfastpeft.surgery.peft`: :func:`from_peft`;
 * :mod:`~pyfastpeft.surgery.peft_format`: PEFT's adapter format (config and key names), no ``peft`` import;
-* :mod:`~pyfastpeft.surgery.adapters`: :func:`save_adapter`, :func:`load_adapter` (adapter files).
+* :mod:`~pyfastpeft.surgery.adapters`: :func:`save_adapter`, :func:`load_adapter` (adapter files);
+* :mod:`~pyfastpeft.surgery.sharding`: FSDP2 / ZeRO-3 models (gathering, saving, merging; imported by
+  ``merge`` and ``adapters``, importing only ``methods`` and ``injection``).
 """
 from __future__ import annotations
 
@@ -39,10 +41,12 @@ from pyfastpeft.surgery.merge import disable_adapters, merge_and_unload, unload
 from pyfastpeft.surgery.methods import (METHODS, adapter_state_dict, available_methods, base_layer_of, is_adapter,
                                         method_of)
 from pyfastpeft.surgery.peft import from_peft
+from pyfastpeft.surgery import sharding  # noqa: E402 (FSDP2 / ZeRO-3 helpers)
+from pyfastpeft.surgery.sharding import full_state_dict, is_sharded
 
 __all__ = ["ALL_LINEAR", "TargetSpec", "Builder", "Method", "METHODS", "available_methods", "method_of",
            "is_adapter", "base_layer_of", "adapter_state_dict", "output_head_names", "match_modules",
            "build_adapter", "inject", "Summary", "summary", "merge_and_unload", "unload", "disable_adapters",
            "from_peft", "FORMAT",
            "FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PEFT_CONFIG_NAME", "save_adapter",
-           "load_adapter"]
+           "load_adapter", "sharding", "is_sharded", "full_state_dict"]

@@ -27,6 +27,7 @@ from torch import nn
 from pyfastpeft.core.version import __version__
 from pyfastpeft.families import modules as _family_modules
 from pyfastpeft.surgery import peft_format as pf
+from pyfastpeft.surgery import sharding
 from pyfastpeft.surgery.injection import (_freeze_all_but_adapters, _replace, _set_modules_to_save, build_adapter,
                                           modules_to_save_of)
 from pyfastpeft.surgery.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
@@ -51,9 +52,10 @@ def _jsonable(cfg: Any, where: str) -> Any:
     return cfg
 
 
-def _to_saveable(t: torch.Tensor) -> torch.Tensor:
-    """The one place every tensor passes through on its way to a file: a plain, contiguous CPU tensor."""
-    return t.detach().contiguous().cpu()
+def _to_saveable(key: str, t: torch.Tensor) -> torch.Tensor:
+    """The one place every tensor passes through on its way to a file: a plain, contiguous CPU tensor, never a
+    shard or an empty ZeRO-3 placeholder (``sharding.checked_cpu`` raises naming ``key``)."""
+    return sharding.checked_cpu(key, t).contiguous()
 
 
 def _our_entry(name: str, mod: nn.Module) -> Dict[str, Any]:
@@ -68,7 +70,8 @@ def _our_entry(name: str, mod: nn.Module) -> Dict[str, Any]:
     return {
         "method": meth, "builder": "from_config" if by_config else "method", "class": type(mod).__name__,
         "base_type": type(base).__name__ if base is not None else None,
-        "base_weight_shape": list(base.weight.shape) if base is not None and hasattr(base, "weight") else None,
+        "base_weight_shape": sharding.full_shape(base.weight) if base is not None and hasattr(base, "weight")
+        else None,
         "config": _jsonable(cfg_fn(), name),
         "backend": getattr(mod, "backend", None),
     }
@@ -117,11 +120,24 @@ def save_adapter(model: nn.Module, path, *, format: str = "auto") -> Dict[str, A
     Files are written under a temporary name and then moved in place; adapter files of the format not
     written are removed from ``path``. Returns ``{file name: the JSON config written}``.
 
+    A sharded model (FSDP2, DeepSpeed ZeRO-3): call it on every rank; the adapter tensors are gathered in full,
+    rank 0 writes, and the files equal those of the same model unsharded (``docs/distributed.md``). An unsharded
+    model (one process, DDP) is written by whichever process calls this: under DDP call it on rank 0 only.
+
     Raises:
         ValueError (before anything is written): no adapter; a parameter that trains but would not be saved
         (names listed: add its module to ``modules_to_save`` or freeze it); PEFT's format asked of a layer it
         cannot express, or of two PEFT methods at once, or of layers whose shared options differ.
     """
+    sharded = sharding.is_sharded(model)
+    with sharding.full_adapters(model):
+        meta = _save_adapter(model, path, format=format, write=not sharded or sharding.is_writer())
+    if sharded:
+        sharding.barrier()  # the files exist on every rank's return
+    return meta
+
+
+def _save_adapter(model: nn.Module, path, *, format: str, write: bool) -> Dict[str, Any]:
     if format not in FORMATS:
         raise ValueError(f"save_adapter: format must be one of {FORMATS}, got {format!r}")
     out = Path(path)
@@ -164,9 +180,10 @@ def save_adapter(model: nn.Module, path, *, format: str = "auto") -> Dict[str, A
             cfg = pf.build_config(kind, {n: (v[1], v[2]) for n, v in peft_part.items()}, save_names, base_name)
         except ValueError as e:
             raise ValueError(f"save_adapter: {e}; use format='pyfastpeft'") from e
-        tensors = {f"{pf.PREFIX}{n}.{k}": _to_saveable(t) for n, v in peft_part.items() for k, t in v[3].items()}
+        tensors = {f"{pf.PREFIX}{n}.{k}": _to_saveable(f"{n}.{k}", t) for n, v in peft_part.items()
+                   for k, t in v[3].items()}
         for n in save_names:
-            tensors.update({f"{pf.PREFIX}{n}.{k}": _to_saveable(t) for k, t in mods[n].state_dict().items()})
+            tensors.update({f"{pf.PREFIX}{n}.{k}": _to_saveable(f"{n}.{k}", t) for k, t in mods[n].state_dict().items()})
         files[PEFT_CONFIG_NAME], files[PEFT_WEIGHTS_NAME] = cfg, tensors
         if ours:
             log.warning("save_adapter: %s in PEFT's format, %d module(s) of methods PEFT lacks (%s) in "
@@ -178,14 +195,15 @@ def save_adapter(model: nn.Module, path, *, format: str = "auto") -> Dict[str, A
         for name, mod in ours:
             modules[name] = _our_entry(name, mod)
             for k, t in adapter_state_dict(mod).items():
-                tensors[f"{name}.{k}" if name else k] = _to_saveable(t)
+                tensors[f"{name}.{k}" if name else k] = _to_saveable(f"{name}.{k}", t)
         own_save = [] if peft_part else save_names
         for n in own_save:
-            tensors.update({f"{n}.{k}": _to_saveable(t) for k, t in mods[n].state_dict().items()})
+            tensors.update({f"{n}.{k}": _to_saveable(f"{n}.{k}", t) for k, t in mods[n].state_dict().items()})
         files[CONFIG_NAME] = {"format": FORMAT, "format_version": FORMAT_VERSION, "pyfastpeft_version": __version__,
                               "torch_version": torch.__version__, "modules": modules, "modules_to_save": own_save}
         files[WEIGHTS_NAME] = tensors
-    _write_atomic(out, files)
+    if write:  # a sharded model: rank 0 only
+        _write_atomic(out, files)
     return {k: v for k, v in files.items() if k.endswith(".json")}
 
 
@@ -204,6 +222,14 @@ def _from_config(name: str, mod: nn.Module, info: dict, tensors: Dict[str, torch
         raise ValueError(f"{info['class']}.from_config failed for module {name!r}: {e}") from e
     new.train(mod.training)
     return new
+
+
+def _not_sharded(model: nn.Module, name: str) -> None:
+    """A new adapter cannot be injected into a sharded model (its base layer holds only a shard)."""
+    sharded = sharding.sharding_of(model)
+    if sharded:
+        raise ValueError(f"module {name!r} holds no adapter and the model is {sharded}-sharded: inject the adapters "
+                         "(pfp.inject with the saved settings) before sharding, then load")
 
 
 def _read_config(cfg_path: Path) -> dict:
@@ -350,6 +376,7 @@ def _plan_ours(plan: _Plan, model, modules, cfg_path: Path, w_path: Path, backen
                     raise ValueError(f"module {name!r} holds a {type(mod).__name__}, the file a {info['class']}")
                 built[name] = mod
             else:
+                _not_sharded(model, name)
                 ad = build_adapter(info["method"], mod, name, backend=backend if backend is not None
                                    else info.get("backend"), **info["config"])
                 if type(ad).__name__ != info["class"]:
@@ -401,6 +428,7 @@ def _plan_peft(plan: _Plan, model, modules, cfg_path: Path, w_path: Path, backen
                     raise ValueError(f"module {name!r} holds a {type(mod).__name__}, the file a {kind} adapter")
                 ad, new = mod, False
             else:
+                _not_sharded(model, name)
                 base = mod
                 kw = pf.module_kwargs(kind, cfg, name, base, f"load_adapter: {str(cfg_path)!r}")
                 ad, new = build_adapter(method, mod, name, backend=backend, **kw), True
@@ -443,7 +471,15 @@ def load_adapter(model: nn.Module, path, *, backend: Optional[str] = None) -> nn
             close names), a class or method mismatch, an adapter that cannot be built from the saved settings,
             or a tensor missing, unexpected, or of another shape or dtype than the model's (the error names the
             tensor and both).
+
+    A sharded model (FSDP2, DeepSpeed ZeRO-3) must already hold the adapters (inject, then shard): call it on
+    every rank; each reads the files and writes its own shards.
     """
+    with sharding.full_adapters(model, write_back=True):
+        return _load_adapter(model, path, backend=backend)
+
+
+def _load_adapter(model: nn.Module, path, *, backend: Optional[str] = None) -> nn.Module:
     p = Path(path)
     parts = _find_parts(p)
     if not parts:
@@ -455,7 +491,10 @@ def load_adapter(model: nn.Module, path, *, backend: Optional[str] = None) -> nn
     try:
         for fmt, cfg_path, w_path in parts:
             (_plan_peft if fmt == "peft" else _plan_ours)(plan, model, modules, cfg_path, w_path, backend)
-        for where, k, src, dst, dtype in plan.copies:  # check every tensor before copying any
+        for n, (where, k, src, dst, dtype) in enumerate(plan.copies):  # check every tensor before copying any
+            if src.dim() == 0 and tuple(dst.shape) == (1,):  # a 0-dim scalar of older files (GatedLoRALinear.tau)
+                src = src.reshape(1)
+                plan.copies[n] = (where, k, src, dst, dtype)
             if tuple(src.shape) != tuple(dst.shape):
                 raise ValueError(f"{where}: tensor {k!r} has shape {tuple(src.shape)} in the file but "
                                  f"{tuple(dst.shape)} in the model")

@@ -7,6 +7,7 @@ from typing import Dict, Iterator
 
 from torch import nn
 
+from pyfastpeft.surgery import sharding
 from pyfastpeft.surgery.injection import MODULES_TO_SAVE_ATTR, ORIGINALS_ATTR, _replace, modules_to_save_of
 from pyfastpeft.surgery.methods import base_layer_of, is_adapter
 
@@ -16,7 +17,12 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
     Raises the adapter's own ``ValueError`` (naming the module) when one cannot be merged, before any
     layer is replaced.
+
+    A sharded model (FSDP2, DeepSpeed ZeRO-3): call it on every rank; each adapter is merged with gathered
+    tensors into its own base layer, which stays sharded (:func:`~pyfastpeft.surgery.sharding.merge_sharded`).
     """
+    if sharding.is_sharded(model):
+        return sharding.merge_sharded(model)
     mapping: Dict[int, nn.Module] = {}
     for name, mod in model.named_modules():
         if is_adapter(mod) and id(mod) not in mapping:

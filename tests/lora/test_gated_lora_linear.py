@@ -181,9 +181,9 @@ def test_forced_cuda_on_cpu_tensors_raises():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(tau=torch.tensor([0.1])), "tau must be a 0-dim floating tensor"),
-    (dict(tau=torch.tensor(1)), "tau must be a 0-dim floating tensor"),
-    (dict(tau=0.1), "tau must be a 0-dim floating tensor"),
+    (dict(tau=torch.tensor([0.1, 0.2])), r"tau must be a floating tensor of shape \(\) or \(1,\)"),
+    (dict(tau=torch.tensor(1)), r"tau must be a floating tensor of shape \(\) or \(1,\)"),
+    (dict(tau=0.1), r"tau must be a floating tensor of shape \(\) or \(1,\)"),
     (dict(gate_width=0.0), "gate_width must be a number > 0"),
     (dict(gate_grad="soft"), "gate_grad must be one of"),
 ])
