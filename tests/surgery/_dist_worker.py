@@ -39,18 +39,25 @@ def loss_fn(model, x, y, dtype=None):
 
 
 def same_files(a: Path, b: Path) -> bool:
-    """The JSON config byte for byte; the safetensors file byte for byte but for its header, compared as JSON
-    (safetensors writes its ``__metadata__`` map in a per-process hash order)."""
-    from pyfastpeft.surgery import CONFIG_NAME, WEIGHTS_NAME
-
-    if (a / CONFIG_NAME).read_bytes() != (b / CONFIG_NAME).read_bytes():
+    """The same files in both directories (PEFT's format, ours, or both); JSON configs byte for byte, each
+    safetensors file byte for byte but for its header, compared as JSON (safetensors writes its
+    ``__metadata__`` map in a per-process hash order)."""
+    names = sorted(f.name for f in a.iterdir())
+    if not names or names != sorted(f.name for f in b.iterdir()):
         return False
-    parts = []
-    for d in (a, b):
-        raw = (d / WEIGHTS_NAME).read_bytes()
-        n = int.from_bytes(raw[:8], "little")
-        parts.append((json.loads(raw[8:8 + n]), raw[8 + n:]))
-    return parts[0] == parts[1]
+    for name in names:
+        if name.endswith(".json"):
+            if (a / name).read_bytes() != (b / name).read_bytes():
+                return False
+            continue
+        parts = []
+        for d in (a, b):
+            raw = (d / name).read_bytes()
+            n = int.from_bytes(raw[:8], "little")
+            parts.append((json.loads(raw[8:8 + n]), raw[8 + n:]))
+        if parts[0] != parts[1]:
+            return False
+    return True
 
 
 def make(method, seed=0):
@@ -133,22 +140,36 @@ def reference(method, mp: bool):
     return grads, base_lo, ref
 
 
+def _backward(method, model, x, y):
+    """The whole batch's loss gradient. Gated LoRA's τ surrogate scales its window by the mean ratio of the
+    batch a process sees (docs/token_selective.md §2), so under data parallelism τ's gradient is the average of
+    the per-process gradients, as BatchNorm's statistics are per process: for it the reference is the mean of
+    the gradients of each rank's share of the batch, computed here in one process."""
+    if method != "gated_lora":
+        loss_fn(model, x, y).backward()
+        return
+    world = dist.get_world_size()
+    for r in range(world):
+        lo, hi = r * BATCH // world, (r + 1) * BATCH // world
+        (loss_fn(model, x[lo:hi], y[lo:hi]) / world).backward()
+
+
 def _reference(method, mp: bool):
     x, y = batch()
     ref = make(method)
-    loss_fn(ref, x, y).backward()
+    _backward(method, ref, x, y)
     grads = {n: p.grad.clone() for n, p in trainable(ref).items()}
     base_lo = None
     if mp:
         lo = copy.deepcopy(ref).to(torch.bfloat16)
         lo.zero_grad()
-        loss_fn(lo, x, y).backward()
+        _backward(method, lo, x, y)
         base_lo = {n: p.grad.float() for n, p in trainable(lo).items()}
     opt = torch.optim.AdamW(trainable(ref).values(), lr=LR)
     opt.step()
     for _ in range(STEPS - 1):
         opt.zero_grad()
-        loss_fn(ref, x, y).backward()
+        _backward(method, ref, x, y)
         opt.step()
     return grads, base_lo, ref
 
@@ -228,7 +249,7 @@ def run_mode(method, mode, rank, world, out: Path, res: dict):
         res[key]["bytes_per_rank"] = sum(t.numel() * t.element_size() for t in model.parameters())
 
     # save after training: every tensor as the unsharded state; reload into a fresh sharded model
-    pfp.save_adapter(model, out / key / "trained")
+    pfp.save_adapter(model, out / key / "trained", format="pyfastpeft")  # our key names (PEFT's: plain0/sharded0)
     dist.barrier()
     from safetensors.torch import load_file
 
