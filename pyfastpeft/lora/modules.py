@@ -33,6 +33,33 @@ from pyfastpeft.lora.gate import smooth_step, window_z
 from pyfastpeft.lora.gated_lora_linear import GATE_GRADS, _gated_lora_linear, check_target_fraction
 
 
+def _check_rank(r) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+
+
+def _setup_base(layer: nn.Module, base_layer: nn.Module, r: int, alpha: float, dropout: float,
+                use_rslora: bool) -> None:
+    """What every LoRA layer (linear or conv) does with its base layer and settings: check the dropout, keep
+    the base frozen, set ``r``, ``alpha``, ``dropout``, ``use_rslora`` and ``scaling`` (PEFT's, or rsLoRA's)."""
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    layer.base_layer = base_layer
+    for p in base_layer.parameters():
+        p.requires_grad_(False)
+    layer.r, layer.alpha, layer.use_rslora, layer.dropout = r, float(alpha), bool(use_rslora), float(dropout)
+    layer.scaling = layer.alpha / (math.sqrt(r) if use_rslora else r)
+
+
+def _init_adapter(lora_a: nn.Module, lora_b: nn.Module) -> None:
+    """PEFT's ``init_lora_weights=True``: A Kaiming-uniform, B zero, and PEFT's ``lora_bias`` (a trained bias on
+    ``lora_B``, scaled like ``B A x``) zero too."""
+    nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+    nn.init.zeros_(lora_b.weight)
+    if lora_b.bias is not None:
+        nn.init.zeros_(lora_b.bias)
+
+
 class LoRALinear(nn.Module):
     """``y = base(x) + scale · lora_B(lora_A(dropout(x)))`` with ``base`` frozen, on fused kernels.
 
@@ -45,25 +72,15 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
+        _check_rank(r)
         if r > min(base_layer.in_features, base_layer.out_features):
             raise ValueError(f"r={r} must be <= min(in_features, out_features) = "
                              f"{min(base_layer.in_features, base_layer.out_features)}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.base_layer = base_layer
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
-        self.r, self.alpha, self.use_rslora, self.dropout = r, float(alpha), bool(use_rslora), float(dropout)
-        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
+        _setup_base(self, base_layer, r, alpha, dropout, use_rslora)
         w = base_layer.weight
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=w.device, dtype=w.dtype)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=bool(lora_bias), device=w.device, dtype=w.dtype)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init_lora_weights=True
-        nn.init.zeros_(self.lora_B.weight)
-        if lora_bias:  # PEFT's lora_bias=True: a trained bias on lora_B, zero at init, scaled like B A x
-            nn.init.zeros_(self.lora_B.bias)
+        _init_adapter(self.lora_A, self.lora_B)
         self.backend = _check_name(backend, "LoRALinear.backend")
 
     @classmethod
@@ -173,28 +190,18 @@ class LoRAConv2d(nn.Module):
         super().__init__()
         if not isinstance(base_layer, nn.Conv2d):
             raise TypeError(f"base_layer must be an nn.Conv2d, got {type(base_layer).__name__}")
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
+        _check_rank(r)
         g = base_layer.groups
         if r % g:
             raise ValueError(f"r={r} must be divisible by the conv's groups={g} (lora_B is a grouped 1x1 conv)")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.base_layer = base_layer
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
-        self.r, self.alpha, self.use_rslora, self.dropout = r, float(alpha), bool(use_rslora), float(dropout)
-        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
+        _setup_base(self, base_layer, r, alpha, dropout, use_rslora)
         w = base_layer.weight
         b = base_layer
         self.lora_A = nn.Conv2d(b.in_channels, r, b.kernel_size, b.stride, b.padding, b.dilation, bias=False,
                                 padding_mode=b.padding_mode, device=w.device, dtype=w.dtype)
         self.lora_B = nn.Conv2d(r, b.out_channels, 1, 1, groups=g, bias=bool(lora_bias), device=w.device,
                                 dtype=w.dtype)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init_lora_weights=True
-        nn.init.zeros_(self.lora_B.weight)
-        if lora_bias:
-            nn.init.zeros_(self.lora_B.bias)
+        _init_adapter(self.lora_A, self.lora_B)
         self.backend = backend
 
     @property

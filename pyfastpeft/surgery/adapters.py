@@ -232,15 +232,21 @@ def _not_sharded(model: nn.Module, name: str) -> None:
                          "(pfp.inject with the saved settings) before sharding, then load")
 
 
+def _json_object(path: Path, where: str) -> dict:
+    """The JSON object in ``path``; a ValueError naming ``where`` if it is unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where} is not a readable JSON file ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must hold a JSON object, got a JSON {type(data).__name__}")
+    return data
+
+
 def _read_config(cfg_path: Path) -> dict:
     """The JSON config, checked entry by entry; every error names the file and what is wrong."""
     where = f"load_adapter: {str(cfg_path)!r}"
-    try:
-        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{where} is not a readable JSON file ({type(e).__name__}: {e})") from e
-    if not isinstance(meta, dict):
-        raise ValueError(f"{where} must hold a JSON object, got a JSON {type(meta).__name__}")
+    meta = _json_object(cfg_path, where)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{where} is not a {FORMAT} file (format={meta.get('format')!r})")
     version = meta.get("format_version", 0)
@@ -311,12 +317,7 @@ def _find_parts(p: Path) -> List[Tuple[str, Path, Path]]:
 
 def _read_peft_config(cfg_path: Path) -> dict:
     where = f"load_adapter: {str(cfg_path)!r}"
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{where} is not a readable JSON file ({type(e).__name__}: {e})") from e
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{where} must hold a JSON object, got a JSON {type(cfg).__name__}")
+    cfg = _json_object(cfg_path, where)
     if "peft_type" not in cfg:
         raise ValueError(f"{where} is neither a PEFT adapter config (no \"peft_type\") nor a {FORMAT} file")
     pf.check_config(cfg, where)
