@@ -58,7 +58,7 @@ def _adapter_save_pretrained(model: nn.Module, format: str):
 
         out = Path(save_directory)
         save_adapter(self, out, format=format)
-        tensors = {k: _to_saveable(t) for k, t in trained_state_dict(self).items()}
+        tensors = {k: _to_saveable(k, t) for k, t in trained_state_dict(self).items()}
         save_file(tensors, str(out / RESUME_NAME), metadata={"format": "pt"})
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values()),
                               "note": "pyfastpeft adapter checkpoint: only the trained tensors are stored; the "

@@ -9,7 +9,7 @@ import torch
 import pyfastpeft as pfp
 from pyfastpeft.surgery import PEFT_WEIGHTS_NAME, WEIGHTS_NAME
 from pyfastpeft.testing import assert_rel_close
-from tests._tiny_models import VOCAB, example_input, logits, tiny_llama
+from tests._tiny_models import VOCAB, example_input, logits, perturb_adapters, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 integrations = pytest.importorskip("pyfastpeft.integrations")
@@ -75,6 +75,7 @@ def test_checkpoints_hold_the_adapter_and_resume_bit_exact(tmp_path):
 
 def test_gate_weight_adds_the_regulariser_to_the_training_loss(tmp_path):
     model = _model("gated_lora")
+    perturb_adapters(model)  # B != 0: at B = 0 every ratio is 0 and the gate loss is 0 by design
     _trainer(model, tmp_path, gate_weight=0.5)  # installs the hook at Trainer.__init__
     batch = _Data()[0]
     ids, labels = batch["input_ids"][None], batch["labels"][None]
