@@ -192,7 +192,7 @@ def _lora_fwd_kernel(
     stride_ar, stride_ak, stride_bn, stride_br, stride_ym, stride_yn, stride_um, stride_ur,
     HAS_XL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, PAD_R: tl.constexpr = True,
 ):
     # Each program owns TILES_PER_PROG consecutive N tiles of one row block: the first computes the
     # shrink u with its base GEMM, the others reuse u from registers (shrink FLOPs / TILES_PER_PROG).
@@ -209,7 +209,11 @@ def _lora_fwd_kernel(
                                stride_ak, True, HAS_XL, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
     # rounded like PyTorch's u before the expand; the padding ranks R..BLOCK_R are set to 0, not left as
     # x · 0 (NaN for an inf in x, which the expand's dot would spread over the whole row of y)
-    u = tl.where(r_ok[None, :], acc_u, 0.0).to(u_ptr.dtype.element_ty)
+    # (PAD_R: R < BLOCK_R; an exact rank has no padding lanes and skips the select)
+    if PAD_R:
+        u = tl.where(r_ok[None, :], acc_u, 0.0).to(u_ptr.dtype.element_ty)
+    else:
+        u = acc_u.to(u_ptr.dtype.element_ty)
     if pid_g == 0:
         tl.store(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur, u, mask=m_ok[:, None] & r_ok[None, :])
     _fwd_epilogue(acc, u, rm, rn, rr, m_ok, n_ok, r_ok, R, scale, b_ptr, bias_ptr, y_ptr,
@@ -450,7 +454,7 @@ def lora_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale: float):
         lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
         y.stride(0), y.stride(1), u.stride(0), u.stride(1),
         HAS_XL=x_lora is not None, HAS_BIAS=bias is not None, UPCAST=_upcast(x.dtype),
-        PRECISION=_precision(x.dtype), BLOCK_R=BR,
+        PRECISION=_precision(x.dtype), BLOCK_R=BR, PAD_R=R < BR,
     )
     return _finish(y, x.dtype), _finish(u, x.dtype)
 
@@ -539,7 +543,7 @@ def _fwd_spec(ty, prec, BR, cfg):
         ["stride_xm", "stride_xk", "stride_xlm", "stride_xlk", "stride_wn", "stride_wk", "stride_ar",
          "stride_ak", "stride_bn", "stride_br", "stride_ym", "stride_yn", "stride_um", "stride_ur"],
         ["stride_xk", "stride_xlk", "stride_wk", "stride_ak", "stride_br", "stride_yn", "stride_ur"],
-        dict(HAS_XL=False, HAS_BIAS=True, UPCAST=False, PRECISION=prec, BLOCK_R=BR, **kw), cfg, ty)
+        dict(HAS_XL=False, HAS_BIAS=True, UPCAST=False, PRECISION=prec, BLOCK_R=BR, PAD_R=False, **kw), cfg, ty)
 
 
 def _dx_spec(ty, prec, BR, cfg, has_sel=False):
