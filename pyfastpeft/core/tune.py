@@ -111,6 +111,20 @@ class Measurement:
 _MEMO: dict[str, Measurement] = {}
 _LOCK = threading.RLock()
 _WARNED: set[str] = set()
+_IDENTS: dict[tuple, dict] = {}  # (identity hook, device) -> identity: read once per process, not per call
+
+
+def _identity(device: torch.device) -> dict:
+    """``hooks.identity(device)``, asked once per device (it reads the GPU name and package metadata, too
+    slow for every call of an op)."""
+    where = str(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        where = f"cuda:{torch.cuda.current_device()}"  # "cuda" is the current device, which may change
+    key = (hooks.identity, where)
+    ident = _IDENTS.get(key)
+    if ident is None:
+        ident = _IDENTS[key] = hooks.identity(device)
+    return ident
 
 
 def _bucket_dim(d: int) -> int:
@@ -173,7 +187,7 @@ def allowed(device: torch.device) -> bool:
 
 def lookup(op: str, device: torch.device, args: Sequence[Any], candidates: Sequence[str]) -> Optional[Measurement]:
     """The remembered decision for this call (memory, then disk), without timing anything."""
-    ident = hooks.identity(device)
+    ident = _identity(device)
     key = _key(op, args, ident)
     with _LOCK:
         m = _MEMO.get(key)
@@ -196,7 +210,7 @@ def choose(op: str, device: torch.device, args: Sequence[Any], candidates: Seque
     m = lookup(op, device, args, candidates)
     if m is not None:
         return m
-    ident = hooks.identity(device)
+    ident = _identity(device)
     key = _key(op, args, ident)
     with _LOCK:
         times: dict[str, float] = {}
@@ -221,3 +235,4 @@ def clear_memory() -> None:
     with _LOCK:
         _MEMO.clear()
         _WARNED.clear()
+        _IDENTS.clear()
