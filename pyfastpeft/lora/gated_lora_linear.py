@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from typing import Optional
 
 import torch
