@@ -92,7 +92,12 @@ def is_shard(t) -> bool:
     or a DeepSpeed ZeRO-3 placeholder outside ``GatheredParameters``. No import of torch.distributed."""
     if type(t).__name__ == "DTensor":
         return True
-    return hasattr(t, "ds_id") and hasattr(t, "ds_shape") and t.numel() != math.prod(t.ds_shape)
+    return is_zero3(t) and t.numel() != math.prod(t.ds_shape)
+
+
+def is_zero3(t) -> bool:
+    """A DeepSpeed ZeRO-3 partitioned parameter (its ``.data`` is a placeholder outside ``GatheredParameters``)."""
+    return hasattr(t, "ds_id") and hasattr(t, "ds_shape")
 
 
 def install() -> None:

@@ -23,6 +23,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from pyfastpeft.core.dtensor import is_zero3
 from pyfastpeft.surgery.injection import _replace
 from pyfastpeft.surgery.methods import base_layer_of, is_adapter
 
@@ -55,11 +56,6 @@ def is_dtensor(t) -> bool:
     """An FSDP2 / tensor-parallel ``DTensor``."""
     cls = _dtensor_cls()
     return cls is not None and isinstance(t, cls)
-
-
-def is_zero3(t) -> bool:
-    """A DeepSpeed ZeRO-3 partitioned parameter (its ``.data`` is a placeholder outside ``GatheredParameters``)."""
-    return hasattr(t, "ds_id") and hasattr(t, "ds_shape")
 
 
 def sharding_of(model: nn.Module) -> Optional[str]:
