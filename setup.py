@@ -206,7 +206,9 @@ def _forgiving_build_ext(base, mode: str):
 def main() -> None:
     ext_modules, cmdclass = cuda_extensions(build_mode())
     options = {"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {}
-    setup(packages=packages(), package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass, options=options)
+    # results files of `pyfastpeft bench --device cuda --smoke` shipped with the package (core/results.py)
+    setup(packages=packages(), package_dir=PACKAGE_DIR, package_data={"pyfastpeft": ["data/results/*.json"]},
+          ext_modules=ext_modules, cmdclass=cmdclass, options=options)
 
 
 if __name__ == "__main__":

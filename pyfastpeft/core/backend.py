@@ -10,7 +10,7 @@ Selection order for one call (first that applies wins):
    on a GPU where more than one can run the call, the fastest as *measured* on this GPU on first use and
    remembered on disk (``core/tune.py``; ``PYFASTPEFT_TUNE=0`` turns measuring off); otherwise, and while
    ``torch.compile`` traces or a CUDA graph is captured with no remembered decision, the static default:
-   the first in the op's preference order (``cuda``, ``triton``, ``torch`` unless the op says otherwise,
+   the fastest for this GPU and shape bucket in a results file (``core/results.py``), else the first in the op's preference order (``cuda``, ``triton``, ``torch`` unless the op says otherwise,
    with its reason), where on CUDA an op whose work is a large GEMM puts its cuBLAS-backed backends first
    (its *vendor order*): a fused Triton GEMM has to win a measurement to be used.
 
@@ -187,7 +187,7 @@ class OpRegistry:
         if len(oks) < 2 or not tune.hooks.measurable_device(device):
             return None, ""
         if not tune.enabled():
-            return None, "PYFASTPEFT_TUNE=0: static default, nothing measured"
+            return self._shipped(device, oks, args, "PYFASTPEFT_TUNE=0: nothing measured")
         if measure and tune.allowed(device):
             m = tune.choose(self.op, device, args, oks, lambda n: (lambda: self._impls[n].fn(*args, **kwargs)))
         else:
@@ -195,8 +195,18 @@ class OpRegistry:
         if m is not None:
             return m.chosen, m.describe()
         if measure:  # tracing or capturing with nothing remembered
-            return None, "not measured here (torch.compile tracing or CUDA graph capture): static default"
+            return self._shipped(device, oks, args,
+                                 "not measured here (torch.compile tracing or CUDA graph capture)")
         return None, f"not measured yet: the first call on this GPU times {', '.join(oks)}"
+
+    def _shipped(self, device: torch.device, oks: list[str], args, why: str):
+        """Without a measurement: a results file's fastest backend for this GPU and shape, else the static order."""
+        from pyfastpeft.core import tune
+
+        found = tune.shipped(self.op, device, args, oks)
+        if found is not None:
+            return found[0], f"{why}: {found[1]}"
+        return None, f"{why}: static default"
 
     def explain(self, device: torch.device, *args, backend: Optional[str] = None, **kwargs) -> Decision:
         forced = _check_name(backend, self.op) or _ctx_backend.get() or _env_choice(self.op, self.public)

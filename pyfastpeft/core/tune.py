@@ -11,8 +11,10 @@ before they are candidates.
 
 No timing happens while ``torch.compile`` traces or a CUDA graph is being captured: there the cached
 decision is used if there is one, else the static default. ``PYFASTPEFT_TUNE=0`` turns measuring off;
-the static default then applies: the op's *vendor order* (ops whose work is a large GEMM put their
-cuBLAS-backed backends first), else its preference order.
+the static default then applies: the backend that a results file for this GPU (``core/results.py``: written by
+``pyfastpeft bench --device cuda --smoke``, named by ``PYFASTPEFT_RESULTS`` or shipped with the package) found
+fastest for the op and shape bucket, if it can run the call; else the op's *vendor order* (ops whose work is a
+large GEMM put their cuBLAS-backed backends first), else its preference order.
 
 A cache file that is corrupt or was not written by this library is ignored with one warning (and
 replaced on the next write). Writes are atomic and locked, so processes that measure at once keep
@@ -230,9 +232,28 @@ def choose(op: str, device: torch.device, args: Sequence[Any], candidates: Seque
         return m
 
 
+def shipped(op: str, device: torch.device, args: Sequence[Any], candidates: Sequence[str]) -> Optional[tuple[str, str]]:
+    """The static default a results file gives for this call: ``(backend, how)``, or None when no results file
+    for this GPU timed ``op`` at this shape bucket with one of ``candidates``."""
+    from pyfastpeft.core import results
+
+    ident = _identity(device)
+    found = results.for_machine(ident)
+    if found is None:
+        return None
+    path, data = found
+    chosen = results.fastest(data, op, bucket(args), candidates)
+    if chosen is None:
+        return None
+    return chosen, f"static default from the results file {path.name} (measured on {data['machine']['gpu']})"
+
+
 def clear_memory() -> None:
     """Forget this process's decisions (the file stays): the next call reads the file again."""
     with _LOCK:
         _MEMO.clear()
         _WARNED.clear()
         _IDENTS.clear()
+    from pyfastpeft.core import results
+
+    results.clear()
