@@ -30,6 +30,11 @@ class Launch:
         phase: ``"fwd"`` or ``"bwd"``; filled in by ``pfp.perf.count``.
         kind: coarse class: ``"matmul"``, ``"conv"``, ``"attention"``, ``"pointwise"``,
             ``"reduction"``, ``"other"`` or ``"custom"``.
+        ctas: the launch's grid size (thread blocks), when known. The model credits a launch of fewer
+            CTAs than the GPU has SMs with only that share of the SMs' FLOP rate and bandwidth. None (every
+            aten op, i.e. cuBLAS / cuDNN / PyTorch kernels): the whole GPU.
+        reread: HBM bytes read again beyond ``bytes`` because a tile left L2 before its next use
+            (:func:`l2_reread`); ``bytes`` stays the unique bytes the launch touches.
     """
 
     name: str
@@ -39,13 +44,17 @@ class Launch:
     tensor_core: bool = False
     phase: str = "fwd"
     kind: str = "custom"
+    ctas: Optional[int] = None
+    reread: int = 0
 
 
-def launch(name: str, cost: dict, dtype: torch.dtype, tensor_core: bool = True) -> Launch:
+def launch(name: str, cost: dict, dtype: torch.dtype, tensor_core: bool = True, *, ctas: Optional[int] = None,
+           reread: int = 0) -> Launch:
     """A :class:`Launch` from a declared cost dict (``flops``, ``read``, ``write``); fp16/bf16 launches
-    with ``tensor_core`` run at the tensor-core peak."""
+    with ``tensor_core`` run at the tensor-core peak. ``ctas``: the grid size; ``reread``: HBM bytes read
+    again after L2 evicted them (see :class:`Launch`)."""
     return Launch(name, cost["flops"], cost["read"] + cost["write"], dtype,
-                  tensor_core=tensor_core and dtype in _HALF, kind="custom")
+                  tensor_core=tensor_core and dtype in _HALF, kind="custom", ctas=ctas, reread=int(reread))
 
 
 _COUNTER: Optional[Callable[..., list]] = None
@@ -71,6 +80,60 @@ def torch_path_cost(fn: Callable) -> Callable:
         return count_torch(fn, *args[:fn.__code__.co_argcount])
 
     return cost
+
+
+H100_SMS = 132
+H100_L2_BYTES = 50 * 2 ** 20
+
+
+def grid_order(num_m: int, num_n: int, group_m: Optional[int] = None):
+    """The (row tile, column tile) of each program in launch order: row-grouped as the Triton kernels'
+    ``_grouped_pid`` (``group_m`` row tiles sweep the columns together), or, with ``group_m=None``, a 2-D grid
+    ``(num_m, num_n)`` whose first axis varies fastest (CUDA's ``blockIdx.x`` order)."""
+    total = num_m * num_n
+    for pid in range(total):
+        if group_m is None:
+            yield pid % num_m, pid // num_m
+            continue
+        in_group = group_m * num_n
+        first = (pid // in_group) * group_m
+        size = min(num_m - first, group_m)
+        yield first + (pid % in_group) % size, (pid % in_group) // size
+
+
+def l2_reread(num_m: int, num_n: int, row_bytes: int, col_bytes: int, *, group_m: Optional[int] = None,
+              sms: int = H100_SMS, l2_bytes: int = H100_L2_BYTES) -> int:
+    """HBM bytes a GEMM-like launch reads again because a tile's operand panel left L2 (a MODEL).
+
+    Program ``(i, j)`` reads row panel ``i`` (``row_bytes``: e.g. ``BLOCK_M x K`` of x) and column panel ``j``
+    (``col_bytes``). Programs run in launch order (:func:`grid_order`) in waves of ``sms`` at once. Within a
+    wave the programs advance through K together, so a panel shared in the wave is read from HBM once. Across
+    waves a panel is found in L2 only if it is still among the most recently used ``l2_bytes`` of panels (an
+    LRU at panel granularity). Returns the bytes read beyond one read of every panel (0 when everything is
+    reused)."""
+    if num_m <= 0 or num_n <= 0:
+        return 0
+    from collections import OrderedDict
+
+    lru: "OrderedDict[tuple, int]" = OrderedDict()
+    held, loaded = 0, 0
+    order = list(grid_order(num_m, num_n, group_m))
+    for w0 in range(0, len(order), max(1, sms)):
+        wave: dict[tuple, int] = {}
+        for i, j in order[w0:w0 + sms]:
+            wave[("r", i)] = row_bytes
+            wave[("c", j)] = col_bytes
+        for key, nbytes in wave.items():
+            if key in lru:
+                lru.move_to_end(key)
+                continue
+            loaded += nbytes
+            lru[key] = nbytes
+            held += nbytes
+            while held > l2_bytes and len(lru) > 1:
+                _, b = lru.popitem(last=False)
+                held -= b
+    return loaded - num_m * row_bytes - num_n * col_bytes
 
 
 def cdiv(a: int, b: int) -> int:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pyfastpeft.core import ext as _ext
-from pyfastpeft.core.cost import launch
+from pyfastpeft.core.cost import cdiv, l2_reread, launch
 from pyfastpeft.core.checks import (FLOAT_DTYPES, autocast_on, check_bias, check_same_device, check_scalar,
                                      check_tensor, compute_dtype)
 from pyfastpeft.core.backend import (Backend, OpRegistry,
@@ -305,27 +305,47 @@ def explain_args(x, weight, bias, lora_a, lora_b, scale, *, dropout_p=0.0, backe
 
 
 def _fwd_cost(args, kwargs, outputs):
-    """Launches of the Triton forward (the GPU fast path), for ``pfp.perf.count``."""
-    from pyfastpeft.triton_kernels.lora._lora_linear_cost import fwd_cost
+    """Launches of the Triton forward (the GPU fast path), for ``pfp.perf.count``: its grid (128 x 128 tiles,
+    ``tiles_per_prog`` N tiles per program) and the x / W panels it re-reads once they leave L2."""
+    from pyfastpeft.triton_kernels.lora._lora_linear_cost import fwd_cost, tiles_per_prog
 
     x, x_lora, weight, bias, lora_a = args[:5]
-    (M, K), N, R = x.shape, weight.shape[0], lora_a.shape[0]
-    c = fwd_cost(M, N, K, R, x.element_size(), has_bias=bias is not None, has_xl=x_lora is not None)
-    return [launch("triton:lora_fwd", c, x.dtype)]
+    (M, K), N, R, s = x.shape, weight.shape[0], lora_a.shape[0], x.element_size()
+    c = fwd_cost(M, N, K, R, s, has_bias=bias is not None, has_xl=x_lora is not None)
+    rows, groups = cdiv(M, 128), cdiv(cdiv(N, 128), tiles_per_prog(M, N, 128, 128))
+    reread = l2_reread(rows, groups, 128 * K * s, tiles_per_prog(M, N, 128, 128) * 128 * K * s, group_m=8)
+    return [launch("triton:lora_fwd", c, x.dtype, ctas=rows * groups, reread=reread)]
+
+
+# matmul_tn's tile shapes (BLOCK_P, BLOCK_Q) per dtype class (its shipped configs): the model takes the one
+# with the most CTAs, the autotuner's best case for a reduction this small in P or Q
+_TN_TILES = {"16": ((128, 64), (64, 128), (64, 64), (128, 128)), "fp32": ((128, 128), (64, 128), (32, 64))}
+
+
+def _tn_launch(name, M, P, Q, dtype, s):
+    from pyfastpeft.triton_kernels.lora._lora_linear_cost import tn_cost
+
+    bp, bq = max(_TN_TILES["16" if dtype in (torch.float16, torch.bfloat16) else "fp32"],
+                 key=lambda t: cdiv(P, t[0]) * cdiv(Q, t[1]))
+    reread = l2_reread(cdiv(P, bp), cdiv(Q, bq), M * bp * s, M * bq * s)
+    return launch(name, tn_cost(M, P, Q, s), dtype, ctas=cdiv(P, bp) * cdiv(Q, bq), reread=reread)
 
 
 def _bwd_cost(args, kwargs, outputs):
-    """Launches of the Triton backward: the fused dx kernel and the two weight-gradient GEMMs."""
-    from pyfastpeft.triton_kernels.lora._lora_linear_cost import bwd_dx_cost, tn_cost
+    """Launches of the Triton backward: the fused dx kernel and the two weight-gradient GEMMs (``matmul_tn``,
+    whose grid covers only the (R, K) / (N, R) output: few CTAs at small rank)."""
+    from pyfastpeft.triton_kernels.lora._lora_linear_cost import bwd_dx_cost, tiles_per_prog
 
     dy, x_lora, u, weight, lora_a = args[:5]
     dx_mode = args[7]
     (M, N), K, R, s = dy.shape, weight.shape[1], lora_a.shape[0], dy.element_size()
-    return [launch("triton:lora_bwd_dx", bwd_dx_cost(M, N, K, R, s, dx_mode=dx_mode), dy.dtype),
-            launch("triton:matmul_tn(dA)", tn_cost(M, R, K, s), dy.dtype),
-            launch("triton:matmul_tn(dB)", tn_cost(M, N, R, s), dy.dtype)]
-
-
+    tiles = tiles_per_prog(M, K, 128, 64)
+    rows, groups = cdiv(M, 128), (cdiv(cdiv(K, 64), tiles) if dx_mode else 1)
+    reread = l2_reread(rows, groups, 128 * N * s, tiles * 64 * N * s, group_m=8) if dx_mode else 0
+    return [launch("triton:lora_bwd_dx", bwd_dx_cost(M, N, K, R, s, dx_mode=dx_mode), dy.dtype,
+                   ctas=rows * groups, reread=reread),
+            _tn_launch("triton:matmul_tn(dA)", M, R, K, dy.dtype, s),
+            _tn_launch("triton:matmul_tn(dB)", M, N, R, dy.dtype, s)]
 
 
 # declared costs, registered by the performance model (pfp.perf) when it is imported

@@ -754,6 +754,9 @@ DEVICES: Dict[str, Dict[str, Any]] = {
         simt_flops=60e12,  # FLOP/s, everything else (fp32 GEMM, elementwise, reductions in any dtype)
         bandwidth=3.0e12,  # B/s, HBM3
         launch_s=2e-6,  # s per kernel launch
+        sms=132,  # streaming multiprocessors: a launch of fewer CTAs gets that share of the FLOP rate above
+        sm_bandwidth_share=2.0,  # one SM pulls at most this many SMs' fair share of HBM bandwidth (see occupancy)
+        l2_bytes=50 * 2 ** 20,  # L2 size, for the re-reads a launch declares (core/cost.l2_reread)
     ),
 }
 
@@ -765,20 +768,51 @@ TRITON_EFFICIENCY = 0.75
 EFFICIENCY_RANGE = (0.65, 1.0)  # the range every modeled ratio of a Triton GEMM path is shown over
 
 
-def triton_efficiency() -> float:
-    """``PYFASTPEFT_TRITON_EFFICIENCY`` (a number in (0, 2]) if set, else :data:`TRITON_EFFICIENCY`."""
+def triton_efficiency_source(device: str = "h100") -> Tuple[float, str]:
+    """Our Triton GEMMs' share of cuBLAS's rate for ``device``, and where it came from: first
+    ``PYFASTPEFT_TRITON_EFFICIENCY`` (a number in (0, 2]); else the figure measured by
+    ``pyfastpeft bench --device cuda --smoke`` in a results file from a GPU of that generation
+    (``PYFASTPEFT_RESULTS`` or shipped with the package, ``core/results.py``); else :data:`TRITON_EFFICIENCY`."""
     import os
 
     raw = os.environ.get("PYFASTPEFT_TRITON_EFFICIENCY", "").strip()
-    if not raw:
-        return TRITON_EFFICIENCY
-    try:
-        e = float(raw)
-    except ValueError:
-        e = float("nan")
-    if not 0 < e <= 2:
-        raise ValueError(f"PYFASTPEFT_TRITON_EFFICIENCY must be a number in (0, 2], got {raw!r}")
-    return e
+    if raw:
+        try:
+            e = float(raw)
+        except ValueError:
+            e = float("nan")
+        if not 0 < e <= 2:
+            raise ValueError(f"PYFASTPEFT_TRITON_EFFICIENCY must be a number in (0, 2], got {raw!r}")
+        return e, "PYFASTPEFT_TRITON_EFFICIENCY"
+    from pyfastpeft.core import results
+
+    found = results.triton_efficiency(device)
+    if found is not None:
+        return found[0], f"measured, {found[1].name}"
+    return TRITON_EFFICIENCY, "assumed, no GPU measurement"
+
+
+def triton_efficiency(device: str = "h100") -> float:
+    """The efficiency of :func:`triton_efficiency_source` (env, then a results file, then 0.75)."""
+    return triton_efficiency_source(device)[0]
+
+
+def occupancy(launch: Launch, device: str = "h100") -> Tuple[float, float]:
+    """The shares of the GPU's FLOP rate and HBM bandwidth a launch can use, ``(compute, bandwidth)``; both 1
+    when its grid is not declared (``Launch.ctas`` None: aten ops, cuBLAS / cuDNN). A MODEL, with CTAs = the
+    grid size and SMs from :data:`DEVICES`:
+
+    * compute: ``min(1, CTAs / SMs)``: tensor cores belong to SMs, and an SM without a CTA is idle;
+    * bandwidth: ``min(1, CTAs · s / SMs)`` with ``s = sm_bandwidth_share`` (2.0 on the H100): one SM pulls at
+      most ``s`` times its fair share of HBM bandwidth (2 × 3.0 TB/s / 132 ≈ 45 GB/s: what Little's law gives
+      for the ~30 KB of loads a pipelined CTA keeps in flight at ~700 ns latency), so a launch needs
+      ``SMs / s`` CTAs (66 on an H100) to reach the peak.
+    """
+    if launch.ctas is None:
+        return 1.0, 1.0
+    d = DEVICES[device]
+    n = max(int(launch.ctas), 1)
+    return min(1.0, n / d["sms"]), min(1.0, n * d["sm_bandwidth_share"] / d["sms"])
 
 
 def is_ours(launch: Launch) -> bool:
@@ -800,6 +834,7 @@ class Roofline:
     label: str
     launches: List[Tuple[Launch, float, str]] = field(default_factory=list)
     triton_efficiency: float = TRITON_EFFICIENCY
+    efficiency_source: str = "assumed, no GPU measurement"  # where triton_efficiency came from
 
     def time(self, phase: Optional[str] = None) -> float:
         """Modeled seconds, for one phase (``"fwd"``/``"bwd"``) or all (``None``)."""
@@ -854,14 +889,17 @@ def launch_time(launch: Launch, device: str = "h100", triton_efficiency: Optiona
             :func:`triton_efficiency`); applies to our tensor-core launches only.
 
     Returns:
-        ``(max(flops / P, bytes / BW) + launch_s, "compute" | "memory")``.
+        ``(max(flops / (P·oc), (bytes + reread) / (BW·om)) + launch_s, "compute" | "memory")`` with
+        ``(oc, om)`` the launch's :func:`occupancy` and ``reread`` the bytes it declares it reads again after
+        L2 evicted them.
     """
     d = DEVICES[device]
     peak = d["tensor_flops"] if (launch.tensor_core and launch.dtype in _HALF) else d["simt_flops"]
     if is_ours(launch) and launch.tensor_core and launch.dtype in _HALF:
-        peak *= triton_efficiency if triton_efficiency is not None else globals()["triton_efficiency"]()
-    tc = launch.flops / peak
-    tm = launch.bytes / d["bandwidth"]
+        peak *= triton_efficiency if triton_efficiency is not None else globals()["triton_efficiency"](device)
+    occ_c, occ_m = occupancy(launch, device)
+    tc = launch.flops / (peak * occ_c)
+    tm = (launch.bytes + launch.reread) / (d["bandwidth"] * occ_m)
     return max(tc, tm) + d["launch_s"], ("compute" if tc > tm else "memory")
 
 
@@ -876,8 +914,11 @@ def roofline(counts: Counts, device: str = "h100", triton_efficiency: Optional[f
       reductions and copies in any dtype.
 
     ``BW = 3.0e12`` B/s and a launch costs ``2e-6`` s (:data:`DEVICES`). Our own Triton GEMMs (launches
-    named ``"triton:..."``) get ``triton_efficiency × P`` (default 0.75, :func:`triton_efficiency`): the
-    vendor GEMM is the floor, and ours are not assumed to match it until a GPU says so.
+    named ``"triton:..."``) get ``triton_efficiency × P`` (:func:`triton_efficiency_source`: the env
+    variable, else a GPU measurement in a results file, else 0.75): the vendor GEMM is the floor, and ours
+    are not assumed to match it until a GPU says so. A launch that declares its grid gets only
+    ``min(1, CTAs / SMs)`` of ``P`` and ``min(1, 2 · CTAs / SMs)`` of ``BW`` (:func:`occupancy`), and the
+    bytes it declares it re-reads after L2 evicted them are added to its bytes (``core/cost.l2_reread``).
 
     Args:
         counts: from :func:`count` (or assembled from declared :class:`Launch` es).
@@ -889,9 +930,12 @@ def roofline(counts: Counts, device: str = "h100", triton_efficiency: Optional[f
     """
     if device not in DEVICES:
         raise KeyError(f"unknown device {device!r}; known: {sorted(DEVICES)}")
-    e = triton_efficiency if triton_efficiency is not None else globals()["triton_efficiency"]()
-    rl = Roofline(device=device, label=f"{DEVICES[device]['label']}, Triton GEMMs at {e:g} of cuBLAS",
-                  triton_efficiency=e)
+    if triton_efficiency is not None:
+        e, src = triton_efficiency, "given"
+    else:
+        e, src = triton_efficiency_source(device)
+    rl = Roofline(device=device, label=f"{DEVICES[device]['label']}, Triton GEMMs at {e:g} of cuBLAS ({src})",
+                  triton_efficiency=e, efficiency_source=src)
     for ln in counts.ops:
         t, bound = launch_time(ln, device, e)
         rl.launches.append((ln, t, bound))
