@@ -44,6 +44,20 @@ REGISTRIES: dict[str, "OpRegistry"] = {}
 _LAST: dict[str, str] = {}
 # primitive op name -> how its last auto choice among several runnable backends was made (see last_choice())
 _HOW: dict[str, str] = {}
+# while record_calls() is active: (primitive op, shape bucket, backend) of every call that selects a backend
+_RECORDER: Optional[list] = None
+
+
+@contextlib.contextmanager
+def record_calls() -> Iterator[list]:
+    """Collect ``(primitive op, shape bucket, backend)`` of every call made inside the block (the smoke
+    command uses it to key its timings exactly as the dispatch looks them up)."""
+    global _RECORDER
+    prev, _RECORDER = _RECORDER, []
+    try:
+        yield _RECORDER
+    finally:
+        _RECORDER = prev
 
 
 class BackendUnavailable(RuntimeError):
@@ -255,6 +269,8 @@ class OpRegistry:
                 _HOW[self.op] = how
             self._log_fallbacks(chosen, reasons)
             _LAST[self.op] = chosen
+            if _RECORDER is not None:
+                _RECORDER.append((self.op, tune.bucket(args), chosen))
             return self._impls[chosen]
         if forced:
             raise BackendUnavailable(f"{self.op}: forced backend {forced!r} cannot run this call: {reasons[forced]}")

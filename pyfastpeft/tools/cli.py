@@ -2,7 +2,8 @@
 
 Subcommands: ``info`` (versions, devices, backends), ``check`` (every op and backend against the fp64
 reference; exit code 1 on any failure), ``bench`` (the workloads of ``docs/performance.md``; results
-JSON/CSV and a PNG; ``--report`` turns results files into a markdown report), ``demo`` (tiny ViT and
+JSON/CSV and a PNG; ``--report`` turns results files into a markdown report; ``--device cuda --smoke`` builds,
+runs the GPU tests and writes the results file the dispatch and the model read), ``demo`` (tiny ViT and
 Llama fine-tuned with each method vs PEFT), ``compile-report`` (ahead-of-time compile of the Triton
 kernels; delegated to ``pyfastpeft.tools.compile_report``).
 
@@ -176,6 +177,9 @@ def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.report:  # no benchmark runs: the results files become a markdown report + plots
         from pyfastpeft.tools import report
         return report.main(args.out, args.report_out, with_plots=not args.no_plots)
+    if args.smoke:  # the GPU smoke: build, GPU tests, timings -> one results file (tools/smoke.py)
+        from pyfastpeft.tools import smoke
+        return smoke.main(args.device, args.out, args.time_limit, argv)
     from pyfastpeft.tools import bench
     from pyfastpeft.tools.check import DTYPES
     from pyfastpeft.tools.timing import SPREAD_LIMIT
@@ -285,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report path (default: <--out dir>/REPORT.md when --out is given, else "
                         "./pyfastpeft-results/REPORT.md); the PNGs go beside it")
     b.add_argument("--no-plots", action="store_true", help="--report without PNGs")
+    b.add_argument("--smoke", action="store_true",
+                   help="needs a CUDA GPU: build the extension, run the GPU tests, time every op's backends "
+                        "against the frozen layer and write one results file the dispatch and the model read "
+                        "(about 8 minutes)")
+    b.add_argument("--time-limit", type=float, default=None,
+                   help="--smoke's time budget in seconds (default 480)")
 
     d = sub.add_parser("demo", help="fine-tune a tiny ViT and Llama with each method (synthetic data, vs PEFT)")
     from pyfastpeft.tools import demo as _demo
