@@ -392,14 +392,15 @@ def _reset(leaves: Iterable[torch.Tensor]) -> None:
         t.grad = None
 
 
-def time_cpu_interleaved(calls: dict[str, Timed], *, warmup: int = 2, budget_s: float = 1.0, min_rounds: int = 5,
-                         max_rounds: int = 50) -> dict[str, Any]:
+def time_cpu_interleaved(calls: dict[str, Timed], *, warmup: int = 2, budget_s: float = 1.0,
+                         min_rounds: int = _timing.MIN_ROUNDS, max_rounds: int = 50) -> dict[str, Any]:
     """:func:`pyfastpeft.tools.timing.time_interleaved` over ``Timed`` calls (their leaves' gradients dropped
-    before each call): ``{name: (median, p20, p80)}`` in ms per call, or ``{name: exception}`` for a
-    provider whose call raised (it leaves the rotation)."""
+    before each call): ``{name: (median, p20, p80, per-round samples)}`` in ms per call, or
+    ``{name: exception}`` for a provider whose call raised (it leaves the rotation)."""
     res = time_interleaved({n: t.call for n, t in calls.items()}, setup=lambda n: _reset(calls[n].leaves),
                            warmup=warmup, budget_s=budget_s, min_rounds=min_rounds, max_rounds=max_rounds, catch=True)
-    return {n: q if isinstance(q, BaseException) else (q.median * 1e3, q.p20 * 1e3, q.p80 * 1e3)
+    return {n: q if isinstance(q, BaseException) else
+            (q.median * 1e3, q.p20 * 1e3, q.p80 * 1e3, tuple(v * 1e3 for v in q.samples))
             for n, q in res.items()}
 
 
@@ -649,7 +650,9 @@ COLUMNS = ["op", "provider", "mode", "dtype", "M", "K", "N", "R", "extra_json", 
            # the honest model: the Triton path at both ends of the efficiency range, and where it breaks even
            "modeled_h100_ms_e065", "modeled_h100_ms_e100", "break_even_efficiency",
            # the spread rule (pyfastpeft.tools.timing): (p80 - p20) / median, and the flags it sets
-           "spread", "noisy", "ratio_to_frozen_noisy", "ratio_to_peft_noisy"]
+           "spread", "noisy", "ratio_to_frozen_noisy", "ratio_to_peft_noisy",
+           # CPU: interleaved rounds behind the timing, and the spread of the per-round (paired) ratios
+           "rounds", "ratio_to_frozen_spread", "ratio_to_peft_spread"]
 
 
 @dataclass
@@ -708,9 +711,12 @@ def run(cfg: BenchConfig) -> dict:
                  ms_p50=None, ms_p20=None, ms_p80=None, peak_mb=peak, tflops=None, gbps=None,
                  ratio_to_frozen=None, ratio_to_peft=None, saved_bytes_per_token=None, modeled_h100_ms=None,
                  modeled_h100_ms_e065=None, modeled_h100_ms_e100=None, break_even_efficiency=None,
-                 spread=None, noisy=None, ratio_to_frozen_noisy=None, ratio_to_peft_noisy=None)
+                 spread=None, noisy=None, ratio_to_frozen_noisy=None, ratio_to_peft_noisy=None,
+                 rounds=None, ratio_to_frozen_spread=None, ratio_to_peft_spread=None)
         if q is not None:
-            r["ms_p50"], r["ms_p20"], r["ms_p80"] = q
+            r["ms_p50"], r["ms_p20"], r["ms_p80"] = q[:3]
+            if len(q) > 3:  # CPU: the per-round samples, for paired ratios (not written to the files)
+                r["rounds"], r["_samples"] = len(q[3]), q[3]
             kind = "frozen" if prov == "frozen" else "lora"
             r["tflops"] = flops(w, kind, mode) / (q[0] * 1e-3) / 1e12
             r["gbps"] = min_bytes(w, kind, mode, elem) / (q[0] * 1e-3) / 1e9
@@ -793,13 +799,25 @@ def run(cfg: BenchConfig) -> dict:
 
 
 def _ratios(rows: list[dict]) -> None:
-    by = {(r["provider"], r["mode"]): r["ms_p50"] for r in rows if r["ms_p50"] is not None}
+    """Ratios to frozen and to peft of the same mode: on a CPU the median of the per-round ratios (both timed
+    in the same interleaved rounds, so machine drift cancels) with its spread; else the ratio of medians."""
+    by = {(r["provider"], r["mode"]): r for r in rows if r["ms_p50"] is not None}
     for r in rows:
         if r["ms_p50"] is None:
             continue
-        fz, pf = by.get(("frozen", r["mode"])), by.get(("peft", r["mode"]))
-        r["ratio_to_frozen"] = r["ms_p50"] / fz if fz else None
-        r["ratio_to_peft"] = r["ms_p50"] / pf if pf else None
+        for b in ("frozen", "peft"):
+            other = by.get((b, r["mode"]))
+            if other is None or not other["ms_p50"]:
+                r[f"ratio_to_{b}"] = None
+                continue
+            paired = _timing.paired_ratio(r.get("_samples") or (), other.get("_samples") or ())
+            if paired is not None:
+                r[f"ratio_to_{b}"] = paired[0]
+                r[f"ratio_to_{b}_spread"] = (paired[2] - paired[1]) / paired[0] if paired[0] > 0 else None
+            else:
+                r[f"ratio_to_{b}"] = r["ms_p50"] / other["ms_p50"]
+    for r in rows:
+        r.pop("_samples", None)
     annotate(rows)
 
 
@@ -819,9 +837,11 @@ def row_spread(r: dict) -> Optional[float]:
 
 
 def row_noisy(r: dict) -> bool:
-    """The row's spread exceeds :data:`pyfastpeft.tools.timing.SPREAD_LIMIT`."""
+    """The row's spread exceeds :data:`pyfastpeft.tools.timing.SPREAD_LIMIT`, or it rests on fewer than
+    :data:`pyfastpeft.tools.timing.MIN_ROUNDS` interleaved rounds (when the row says how many)."""
     s = row_spread(r)
-    return s is not None and s > _timing.SPREAD_LIMIT
+    rounds = _num(r.get("rounds"))
+    return (s is not None and s > _timing.SPREAD_LIMIT) or (rounds is not None and rounds < _timing.MIN_ROUNDS)
 
 
 def annotate(rows: Sequence[dict]) -> Sequence[dict]:
@@ -843,7 +863,9 @@ def annotate(rows: Sequence[dict]) -> Sequence[dict]:
                 r[f"ratio_to_{b}_noisy"] = None
                 continue
             other = base.get((*key(r), b))
-            r[f"ratio_to_{b}_noisy"] = r["noisy"] or (other is not None and row_noisy(other))
+            rs = _num(r.get(f"ratio_to_{b}_spread"))  # the paired ratio's own spread, where the row has one
+            r[f"ratio_to_{b}_noisy"] = (r["noisy"] or (other is not None and row_noisy(other))
+                                        or (rs is not None and rs > _timing.SPREAD_LIMIT))
     return rows
 
 

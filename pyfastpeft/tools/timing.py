@@ -18,6 +18,10 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Union
 # the spread rule: a timing whose (p80 - p20) / median exceeds SPREAD_LIMIT is not a result
 # ----------------------------------------------------------------------------------------------------
 SPREAD_LIMIT = 0.20
+#: a CPU timing of fewer interleaved rounds than this is not a result either: p20 / p80 of a handful of calls
+#: say nothing about the spread (the committed quick run had 5 rounds on Llama, and its frozen fwd+bwd median
+#: came out below its fwd median)
+MIN_ROUNDS = 10
 FLAG = "!"
 FOOTNOTE = (f"{FLAG} spread (p80 - p20) / median > {100 * SPREAD_LIMIT:.0f} %: not a result; a ratio marked "
             f"(x){FLAG} uses such a timing")
@@ -63,12 +67,14 @@ def any_noisy(timings: Iterable[Optional["Timing"]], limit: float = SPREAD_LIMIT
 
 
 class Timing(NamedTuple):
-    """Per-call seconds: the median and the 20th / 80th percentiles, over ``rounds`` timed calls."""
+    """Per-call seconds: the median and the 20th / 80th percentiles, over ``rounds`` timed calls;
+    ``samples`` are the per-round seconds in round order (for :func:`paired_ratio`)."""
 
     median: float
     p20: float
     p80: float
     rounds: int
+    samples: tuple = ()
 
     @property
     def spread(self) -> Optional[float]:
@@ -142,5 +148,17 @@ def time_interleaved(calls: Mapping[str, Callable[[], Any]], *, warmup: int = 2,
     for n, ts in times.items():
         if n not in out and ts:
             s = sorted(ts)
-            out[n] = Timing(_quantile(s, 0.5), _quantile(s, 0.2), _quantile(s, 0.8), len(s))
+            out[n] = Timing(_quantile(s, 0.5), _quantile(s, 0.2), _quantile(s, 0.8), len(s), tuple(ts))
     return out
+
+
+def paired_ratio(num: Iterable[float], den: Iterable[float]) -> Optional[tuple[float, float, float]]:
+    """``(median, p20, p80)`` of the per-round ratios ``num[i] / den[i]`` of two callables timed in the same
+    interleaved rounds. Each round's pair ran back to back, so a slow phase of the machine (another process,
+    a clock change) scales both and cancels in the ratio, where a ratio of two medians taken over different
+    rounds keeps it. None when fewer than :data:`MIN_ROUNDS` pairs exist."""
+    pairs = [a / b for a, b in zip(num, den) if b > 0]
+    if len(pairs) < MIN_ROUNDS:
+        return None
+    s = sorted(pairs)
+    return _quantile(s, 0.5), _quantile(s, 0.2), _quantile(s, 0.8)
