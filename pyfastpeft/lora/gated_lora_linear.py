@@ -333,7 +333,8 @@ def _budget_cost(args, kwargs, M):
 
 def _bwd_cost(args, kwargs, outputs):
     """The Triton backward: the LoRA dx kernel with the selection, dA and dB reductions, the τ gradient."""
-    from pyfastpeft.triton_kernels.lora._lora_linear_cost import bwd_dx_cost, tn_cost
+    from pyfastpeft.lora.lora_linear import _dx_grid, _tn_launch  # the same kernels, grids and re-reads
+    from pyfastpeft.triton_kernels.lora._lora_linear_cost import bwd_dx_cost
 
     dy, x, x_lora, u = args[:4]
     weight, lora_a = args[6], args[7]
@@ -341,9 +342,11 @@ def _bwd_cost(args, kwargs, outputs):
     (M, N), K, R, s = dy.shape, weight.shape[1], lora_a.shape[0], dy.element_size()
     sel = round(_MODEL["selected_fraction"] * M)
     tau_grad = dict(flops=4 * M * R, read=2 * M * R * s, write=4 * M * 2)
-    return [launch("triton:lora_bwd_dx(sel)", bwd_dx_cost(M, N, K, R, s, dx_mode=dx_mode, has_sel=True), dy.dtype),
-            launch("triton:matmul_tn(dA)", tn_cost(M, R, K, s, selected=sel), dy.dtype),
-            launch("triton:matmul_tn(dB)", tn_cost(M, N, R, s, selected=sel), dy.dtype),
+    ctas, reread = _dx_grid(M, N, K, s, dx_mode)
+    return [launch("triton:lora_bwd_dx(sel)", bwd_dx_cost(M, N, K, R, s, dx_mode=dx_mode, has_sel=True), dy.dtype,
+                   ctas=ctas, reread=reread),
+            _tn_launch("triton:matmul_tn(dA)", M, R, K, dy.dtype, s, selected=sel),
+            _tn_launch("triton:matmul_tn(dB)", M, N, R, dy.dtype, s, selected=sel),
             launch("torch:tau grad (M, R)", tau_grad, torch.float32)]
 
 

@@ -322,28 +322,38 @@ def _fwd_cost(args, kwargs, outputs):
 _TN_TILES = {"16": ((128, 64), (64, 128), (64, 64), (128, 128)), "fp32": ((128, 128), (64, 128), (32, 64))}
 
 
-def _tn_launch(name, M, P, Q, dtype, s):
+def _tn_launch(name, M, P, Q, dtype, s, selected=None):
+    """``matmul_tn`` reducing over M (or the ``selected`` rows), with its grid and L2 re-reads (gated LoRA too)."""
     from pyfastpeft.triton_kernels.lora._lora_linear_cost import tn_cost
 
     bp, bq = max(_TN_TILES["16" if dtype in (torch.float16, torch.bfloat16) else "fp32"],
                  key=lambda t: cdiv(P, t[0]) * cdiv(Q, t[1]))
-    reread = l2_reread(cdiv(P, bp), cdiv(Q, bq), M * bp * s, M * bq * s)
-    return launch(name, tn_cost(M, P, Q, s), dtype, ctas=cdiv(P, bp) * cdiv(Q, bq), reread=reread)
+    rows = M if selected is None else selected
+    reread = l2_reread(cdiv(P, bp), cdiv(Q, bq), rows * bp * s, rows * bq * s)
+    return launch(name, tn_cost(M, P, Q, s, selected=selected), dtype, ctas=cdiv(P, bp) * cdiv(Q, bq), reread=reread)
+
+
+def _dx_grid(M, N, K, s, dx_mode):
+    """CTAs and L2 re-reads of ``_lora_bwd_dx_kernel`` (128 x 64 tiles, ``tiles_per_prog`` K tiles a program)."""
+    from pyfastpeft.triton_kernels.lora._lora_linear_cost import tiles_per_prog
+
+    tiles = tiles_per_prog(M, K, 128, 64)
+    rows, groups = cdiv(M, 128), (cdiv(cdiv(K, 64), tiles) if dx_mode else 1)
+    reread = l2_reread(rows, groups, 128 * N * s, tiles * 64 * N * s, group_m=8) if dx_mode else 0
+    return rows * groups, reread
 
 
 def _bwd_cost(args, kwargs, outputs):
     """Launches of the Triton backward: the fused dx kernel and the two weight-gradient GEMMs (``matmul_tn``,
     whose grid covers only the (R, K) / (N, R) output: few CTAs at small rank)."""
-    from pyfastpeft.triton_kernels.lora._lora_linear_cost import bwd_dx_cost, tiles_per_prog
+    from pyfastpeft.triton_kernels.lora._lora_linear_cost import bwd_dx_cost
 
     dy, x_lora, u, weight, lora_a = args[:5]
     dx_mode = args[7]
     (M, N), K, R, s = dy.shape, weight.shape[1], lora_a.shape[0], dy.element_size()
-    tiles = tiles_per_prog(M, K, 128, 64)
-    rows, groups = cdiv(M, 128), (cdiv(cdiv(K, 64), tiles) if dx_mode else 1)
-    reread = l2_reread(rows, groups, 128 * N * s, tiles * 64 * N * s, group_m=8) if dx_mode else 0
+    ctas, reread = _dx_grid(M, N, K, s, dx_mode)
     return [launch("triton:lora_bwd_dx", bwd_dx_cost(M, N, K, R, s, dx_mode=dx_mode), dy.dtype,
-                   ctas=rows * groups, reread=reread),
+                   ctas=ctas, reread=reread),
             _tn_launch("triton:matmul_tn(dA)", M, R, K, dy.dtype, s),
             _tn_launch("triton:matmul_tn(dB)", M, N, R, dy.dtype, s)]
 
