@@ -112,9 +112,9 @@ def cpu_times(w: LinearWorkload, fraction: float, budget_s: float) -> dict:
     gy = torch.randn(w.M, w.N, generator=torch.Generator().manual_seed(2))
     calls = {"gated": bench.Timed(lambda: fn(*args).backward(gy), list(args)),
              "peft": bench.Timed(lambda: peft_layer(xp).backward(gy), [xp] + list(peft_layer.parameters()))}
-    t = bench.time_cpu_interleaved(calls, budget_s=budget_s)  # {name: (median, p20, p80)} ms
+    t = bench.time_cpu_interleaved(calls, budget_s=budget_s)  # {name: (median, p20, p80, samples)} ms
     return {"gated_ms": t["gated"][0], "peft_ms": t["peft"][0], "selected": float(sel.float().mean()),
-            "gated_spread": timing.spread(*t["gated"]), "peft_spread": timing.spread(*t["peft"]),
+            "gated_spread": timing.spread(*t["gated"][:3]), "peft_spread": timing.spread(*t["peft"][:3]),
             "noisy": timing.any_noisy([t["gated"], t["peft"]])}
 
 

@@ -176,8 +176,8 @@ def test_cpu_timer_reports_a_provider_that_raises():
     calls = {"ok": bench.Timed(lambda: None, []), "bad": bench.Timed(lambda: 1 / 0, [])}
     res = bench.time_cpu_interleaved(calls, budget_s=0.0, min_rounds=3)
     assert isinstance(res["bad"], ZeroDivisionError)
-    p50, p20, p80 = res["ok"]
-    assert p20 <= p50 <= p80
+    p50, p20, p80, samples = res["ok"]
+    assert p20 <= p50 <= p80 and len(samples) == 3  # the per-round samples, for paired ratios
 
 
 def test_bench_plot_roundtrip_from_csv(tmp_path):
