@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -234,8 +234,6 @@ def _row(t: Target, provider: str, mode: str, dtype: torch.dtype, status: str,
          "provider": provider, "backend": None if provider in ("frozen", "cublas-gemm") else provider.split(":")[0],
          "variant": provider.split(":", 1)[1] if ":" in provider else None, "status": status,
          "ms_p50": None, "ms_p20": None, "ms_p80": None, "spread": None, "noisy": None, "ratio_to_frozen": None}
-    if provider in ("frozen", "cublas-gemm"):
-        r["backend"] = None
     if q is not None:
         r["ms_p50"], r["ms_p20"], r["ms_p80"] = (float(v) for v in q)
         r["spread"] = timing.spread(*q)
