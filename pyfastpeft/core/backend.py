@@ -44,6 +44,8 @@ REGISTRIES: dict[str, "OpRegistry"] = {}
 _LAST: dict[str, str] = {}
 # primitive op name -> how its last auto choice among several runnable backends was made (see last_choice())
 _HOW: dict[str, str] = {}
+# primitive op name -> which implementation variant of its backend ran last, and how it was chosen
+_VARIANT: dict[str, str] = {}
 # while record_calls() is active: (primitive op, shape bucket, backend) of every call that selects a backend
 _RECORDER: Optional[list] = None
 
@@ -91,6 +93,10 @@ class Backend:
         available: cheap, lazy check that it is installed (no device query at import).
         supports: ``None`` when it accepts the arguments, else a short reason (shape/dtype limits).
         why_unavailable: a reason string for :func:`backend_info` when ``available()`` is false.
+        variant: for a backend with several implementations of the op (LoRA's ``triton``: rank-r kernels
+            plus cuBLAS, or fused Triton GEMMs), ``variant(device, *args, measure=False)`` returns
+            ``(variant name, how it was chosen)`` without running anything; :meth:`OpRegistry.explain`
+            shows it. The backend's ``fn`` makes the same choice and reports it with :func:`note_variant`.
     """
 
     name: str
@@ -99,6 +105,7 @@ class Backend:
     available: Callable[[], bool] = _always
     supports: Callable[..., Optional[str]] = _accept
     why_unavailable: Callable[[], str] = lambda: "not available in this install"
+    variant: Optional[Callable[..., tuple[str, str]]] = None
 
 
 def strict() -> bool:
@@ -142,11 +149,15 @@ class Decision:
     chosen: Optional[str]
     rows: list[tuple[str, str]] = field(default_factory=list)  # (backend, "chosen" | reason)
     how: str = ""  # how the choice among runnable backends was made (measured, remembered, static)
+    variant: Optional[str] = None  # the chosen backend's implementation variant, where it has several
+    variant_how: str = ""  # how that variant was chosen
 
     def __str__(self) -> str:
         head = f"{self.op}: " + (f"forced {self.forced!r}" if self.forced else "auto")
         body = "\n".join(f"  {name:<7} {why}" for name, why in self.rows)
         tail = f"  -> {self.chosen}" if self.chosen else "  -> no backend can run this call"
+        if self.variant:
+            tail += f", variant {self.variant!r} ({self.variant_how})"
         how = f"\n  ({self.how})" if self.how else ""
         return f"{head}\n{body}\n{tail}{how}"
 
@@ -232,6 +243,9 @@ class OpRegistry:
             dec.chosen, dec.how = self._measured(device, oks, args, kwargs, measure=False)
         if dec.chosen is None and oks:
             dec.chosen = oks[0]
+        impl = self._impls.get(dec.chosen) if dec.chosen else None
+        if impl is not None and impl.variant is not None:
+            dec.variant, dec.variant_how = impl.variant(device, *args, measure=False, **kwargs)
         for name in names:
             status, why = verdicts[name]
             if name == dec.chosen:
@@ -288,10 +302,17 @@ class OpRegistry:
             log.info("pyfastpeft %s: running on backend %r", self.op, chosen)
 
 
+def note_variant(op: str, variant: str, how: str) -> None:
+    """Called by a backend with several implementations: which one ran this call of ``op``, and why."""
+    _VARIANT[op] = f"variant {variant!r} ({how})"
+
+
 def last_choice(op: str) -> str:
     """How the most recent auto call of primitive ``op`` on a GPU chose among its runnable backends
-    ("measured on NVIDIA H100: triton 0.81 ms, torch 0.9 ms -> triton", "PYFASTPEFT_TUNE=0: ..."); "" if never."""
-    return _HOW.get(op, "")
+    ("measured on NVIDIA H100: triton 0.81 ms, torch 0.9 ms -> triton", "PYFASTPEFT_TUNE=0: ..."), followed
+    by the variant of a backend with several implementations that ran last ("variant 'vendor' (static
+    default ...)"); "" if neither ever happened."""
+    return "; ".join(p for p in (_HOW.get(op, ""), _VARIANT.get(op, "")) if p)
 
 
 def last_backend(op: str) -> Optional[str]:

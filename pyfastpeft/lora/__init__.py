@@ -28,6 +28,7 @@ FAMILY = Family(
     checks="pyfastpeft.lora.checks:checks",
     twins="pyfastpeft.lora.twin:TWIN_CHECKS",
     costs=("pyfastpeft.lora.lora_linear:COSTS", "pyfastpeft.lora.gated_lora_linear:COSTS"),
-    kernels=("pyfastpeft.triton_kernels.lora.lora_linear", "pyfastpeft.triton_kernels.lora.gated_lora_linear"),
+    kernels=("pyfastpeft.triton_kernels.lora.lora_linear", "pyfastpeft.triton_kernels.lora.lora_rank",
+             "pyfastpeft.triton_kernels.lora.gated_lora_linear"),
     benchmarks=("benchmarks/bench_lora_linear.py", "benchmarks/bench_gated_lora.py"),
 )

@@ -11,12 +11,26 @@ traces the registry), glued by :class:`LoRALinearFn`; the backend registry runs 
 Backends:
 * ``cuda``: cuBLAS (through ATen) for the two big GEMMs, ``pyfastpeft._C`` kernels for the rank-r
   shrink and expand (each checked once per GPU against torch before first use).
-* ``triton``: fused kernels (``pyfastpeft.triton_kernels.lora.lora_linear``): the shrink shares the base
-  GEMM's reads of x, the expand is its epilogue; backward computes ``dy W + (s·dy B) A`` in one GEMM.
+* ``triton``: two implementations (*variants*), chosen per call (:func:`triton_variant`):
+
+  - ``vendor`` (the static default): memory-bound rank-r Triton kernels
+    (``pyfastpeft.triton_kernels.lora.lora_rank``) write ``scale · (x_lora Aᵀ) Bᵀ + b`` into y, then cuBLAS
+    adds ``x Wᵀ`` onto it as its C operand (``y.addmm_(x, Wᵀ)``, beta = 1); backward: one pass over dy for
+    ``g = scale · dy B`` and ``dB``, one pass over x_lora for ``dA`` and ``g A`` written into dx, then
+    ``dx.addmm_(dy, W)`` on cuBLAS. Nothing of size tokens × features is read or written twice and the big
+    GEMMs run at the vendor's rate.
+  - ``fused``: fused Triton GEMMs (``pyfastpeft.triton_kernels.lora.lora_linear``): the shrink shares the
+    base GEMM's reads of x, the expand is its epilogue; backward computes ``dy W + (s·dy B) A`` in one GEMM.
+    Faster only if our GEMM reaches cuBLAS's rate (docs/performance.md).
+
+  ``PYFASTPEFT_TRITON_GEMM=vendor|fused`` pins one; ``auto`` (default) measures both once per (GPU, op,
+  dtype, shape bucket) on a GPU, as the backends are measured (``core/tune.py``), and otherwise uses
+  ``vendor``.
 * ``torch``: ``pyfastpeft.lora.torch_impl``, the contract the others implement.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -27,26 +41,31 @@ from pyfastpeft.core import ext as _ext
 from pyfastpeft.core.cost import cdiv, l2_reread, launch
 from pyfastpeft.core.checks import (FLOAT_DTYPES, autocast_on, check_bias, check_same_device, check_scalar,
                                      check_tensor, compute_dtype)
-from pyfastpeft.core.backend import (Backend, OpRegistry,
+from pyfastpeft.core.backend import (Backend, OpRegistry, note_variant as _note_variant,
                                   triton_available as _triton_available,
                                   triton_devices as _triton_devices,
                                   triton_why as _triton_why)
 from pyfastpeft.lora import torch_impl as _fallback
 from pyfastpeft.core.amp import autocast_as, autocast_off, autocast_state
 
-# Preference order: Triton first where nothing was measured and the static default does not apply (CPU under
-# the interpreter). Its kernels are the fused path (shrink in the base GEMM's K loop, expand in its epilogue),
-# modeled ~1.10x the frozen layer's fwd+bwd (r=16, K=N=4096, M=8192, bf16, H100) *if* it ran at cuBLAS's
-# rate. The cuda path is cuBLAS plus separate rank-r kernels whose expand re-reads y (and dx): ~1.28x. The
-# torch path writes the rank-r term first and lets the cuBLAS GEMM add onto it as its C operand: ~1.22x
-# (forward + input gradient), with no assumption about our own GEMM's efficiency.
+# Preference order where nothing was measured and the static default does not apply (CPU under the
+# interpreter): Triton first. Its default variant there and on a GPU is ``vendor``: rank-r kernels writing
+# into the output, then the cuBLAS GEMM adding onto it as its C operand, modeled ~1.15x the frozen layer's
+# fwd+bwd (r=16, K=N=4096, M=8192, bf16, H100) with no assumption about our own GEMMs' efficiency. The cuda
+# path is cuBLAS plus separate rank-r kernels whose expand re-reads y (and dx) after the GEMM: ~1.28x. The
+# torch path writes the rank-r term with small cuBLAS GEMMs, then the base GEMM adds onto it (C operand).
 _ORDER = ("triton", "cuda", "torch")
 # Without a measurement on a GPU (PYFASTPEFT_TUNE=0, or torch.compile / CUDA-graph capture before the first
-# eager call) the cuBLAS-backed paths come first: the fused Triton GEMM must win a measurement on the user's
-# GPU to be used (core/tune.py), since the model's ~1.10x assumes it runs at cuBLAS's own rate.
+# eager call): for an op whose triton backend is a fused Triton GEMM (gated LoRA imports this), the cuBLAS-backed
+# paths come first, since a fused GEMM must win a measurement on the user's GPU to be used.
 VENDOR_ORDER = ("cuda", "torch", "triton")
-FWD = OpRegistry("lora_linear_fwd", public="lora_linear", order=_ORDER, vendor_order=VENDOR_ORDER)
-BWD = OpRegistry("lora_linear_bwd", public="lora_linear", order=_ORDER, vendor_order=VENDOR_ORDER)
+# LoRA's own static order on CUDA: its triton backend's default variant (vendor) keeps both big GEMMs on cuBLAS
+# and is modeled fastest of the three with no assumption about our GEMMs (1.185x frozen at Llama 4096^2 vs
+# cuda's expand-after-GEMM and torch's 1.22x; 2.14x vs 2.39x at ViT 768^2), so it comes first. With measuring
+# on (the default) all three are timed on first use and the fastest is remembered.
+LORA_VENDOR_ORDER = ("triton", "cuda", "torch")
+FWD = OpRegistry("lora_linear_fwd", public="lora_linear", order=_ORDER, vendor_order=LORA_VENDOR_ORDER)
+BWD = OpRegistry("lora_linear_bwd", public="lora_linear", order=_ORDER, vendor_order=LORA_VENDOR_ORDER)
 
 
 
@@ -65,12 +84,73 @@ def _triton_supports_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode):
     return _tk().supports(dy.dtype, lora_a.shape[0])
 
 
+def _rk():
+    from pyfastpeft.triton_kernels.lora import lora_rank as rk  # lazy: decorating kernels imports triton
+
+    return rk
+
+
+TRITON_GEMM_ENV = "PYFASTPEFT_TRITON_GEMM"
+TRITON_VARIANTS = ("vendor", "fused")  # in preference order: a tie in a measurement keeps vendor
+STATIC_VARIANT = "vendor"
+_TRITON_IMPLS = {
+    "lora_linear_fwd": {"vendor": lambda *a: _rk().lora_fwd(*a), "fused": lambda *a: _tk().lora_fwd(*a)},
+    "lora_linear_bwd": {"vendor": lambda *a: _rk().lora_bwd(*a), "fused": lambda *a: _tk().lora_bwd(*a)},
+}
+
+
+def triton_gemm_setting() -> str:
+    """``PYFASTPEFT_TRITON_GEMM``: ``"vendor"``, ``"fused"`` or ``"auto"`` (unset); read on every call."""
+    raw = os.environ.get(TRITON_GEMM_ENV, "").strip().lower() or "auto"
+    if raw not in ("auto",) + TRITON_VARIANTS:
+        raise ValueError(f"{TRITON_GEMM_ENV} must be one of vendor, fused, auto (or unset), "
+                         f"got {os.environ.get(TRITON_GEMM_ENV)!r}")
+    return raw
+
+
+def triton_variant(op: str, device: torch.device, args: tuple, *, measure: bool) -> tuple[str, str]:
+    """Which implementation the ``triton`` backend runs for this call of ``op``, and how that was decided.
+
+    Pinned by ``PYFASTPEFT_TRITON_GEMM``; else on a GPU measured once per (GPU, op, dtype, shape bucket) and
+    remembered (``core/tune.py``, op key ``<op>:triton``; ``measure=False`` only looks the decision up);
+    else the static default, ``vendor``."""
+    setting = triton_gemm_setting()
+    if setting != "auto":
+        return setting, f"pinned by {TRITON_GEMM_ENV}={setting}"
+    from pyfastpeft.core import tune
+
+    if not tune.hooks.measurable_device(device):
+        return STATIC_VARIANT, "static default; variants are measured on a GPU only"
+    if not tune.enabled():
+        return STATIC_VARIANT, "PYFASTPEFT_TUNE=0: static default, nothing measured"
+    key, impls = f"{op}:triton", _TRITON_IMPLS[op]
+    if measure and tune.allowed(device):
+        m = tune.choose(key, device, args, TRITON_VARIANTS, lambda n: (lambda: impls[n](*args)))
+    else:
+        m = tune.lookup(key, device, args, TRITON_VARIANTS)
+    if m is not None:
+        return m.chosen, m.describe()
+    if measure:
+        return STATIC_VARIANT, "not measured here (torch.compile tracing or CUDA graph capture): static default"
+    return STATIC_VARIANT, f"not measured yet: the first call on this GPU times {', '.join(TRITON_VARIANTS)}"
+
+
+def _triton_run(op: str, args: tuple):
+    variant, how = triton_variant(op, args[0].device, args, measure=True)
+    _note_variant(op, variant, how)
+    return _TRITON_IMPLS[op][variant](*args)
+
+
 def _triton_fwd(*args):
-    return _tk().lora_fwd(*args)
+    return _triton_run("lora_linear_fwd", args)
 
 
 def _triton_bwd(*args):
-    return _tk().lora_bwd(*args)
+    return _triton_run("lora_linear_bwd", args)
+
+
+def _variant_of(op: str):
+    return lambda device, *args, measure=False: triton_variant(op, device, args, measure=measure)
 
 
 _CUDA_OPS = ("lora_shrink", "lora_expand_add_")
@@ -118,9 +198,11 @@ def _cuda_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode):
 FWD.register(Backend("torch", _fallback.fwd, devices=lambda: ("cpu", "cuda")))
 BWD.register(Backend("torch", _fallback.bwd, devices=lambda: ("cpu", "cuda")))
 FWD.register(Backend("triton", _triton_fwd, devices=_triton_devices, available=_triton_available,
-                     supports=_triton_supports_fwd, why_unavailable=_triton_why))
+                     supports=_triton_supports_fwd, why_unavailable=_triton_why,
+                     variant=_variant_of("lora_linear_fwd")))
 BWD.register(Backend("triton", _triton_bwd, devices=_triton_devices, available=_triton_available,
-                     supports=_triton_supports_bwd, why_unavailable=_triton_why))
+                     supports=_triton_supports_bwd, why_unavailable=_triton_why,
+                     variant=_variant_of("lora_linear_bwd")))
 FWD.register(Backend("cuda", _cuda_fwd, devices=lambda: ("cuda",), available=_cuda_available,
                      supports=lambda x, *a: _cuda_supports(x), why_unavailable=_ext.why_unavailable))
 BWD.register(Backend("cuda", _cuda_bwd, devices=lambda: ("cuda",), available=_cuda_available,
@@ -305,16 +387,32 @@ def explain_args(x, weight, bias, lora_a, lora_b, scale, *, dropout_p=0.0, backe
 
 
 def _fwd_cost(args, kwargs, outputs):
-    """Launches of the Triton forward (the GPU fast path), for ``pfp.perf.count``: its grid (128 x 128 tiles,
-    ``tiles_per_prog`` N tiles per program) and the x / W panels it re-reads once they leave L2."""
+def _fused_fwd_launches(x, x_lora, weight, bias, lora_a):
+    """The fused Triton forward: its grid (128 x 128 tiles, ``tiles_per_prog`` N tiles per program) and the
+    x / W panels it re-reads once they leave L2."""
     from pyfastpeft.triton_kernels.lora._lora_linear_cost import fwd_cost, tiles_per_prog
 
-    x, x_lora, weight, bias, lora_a = args[:5]
     (M, K), N, R, s = x.shape, weight.shape[0], lora_a.shape[0], x.element_size()
     c = fwd_cost(M, N, K, R, s, has_bias=bias is not None, has_xl=x_lora is not None)
     rows, groups = cdiv(M, 128), cdiv(cdiv(N, 128), tiles_per_prog(M, N, 128, 128))
     reread = l2_reread(rows, groups, 128 * K * s, tiles_per_prog(M, N, 128, 128) * 128 * K * s, group_m=8)
     return [launch("triton:lora_fwd", c, x.dtype, ctas=rows * groups, reread=reread)]
+
+
+def _fwd_cost(args, kwargs, outputs):
+    """Launches of the Triton forward (the GPU fast path), for ``pfp.perf.count``: the variant that runs when
+    nothing was measured (``vendor``), or the one ``PYFASTPEFT_TRITON_GEMM`` pins."""
+    x, x_lora, weight, bias, lora_a = args[:5]
+    if triton_gemm_setting() == "fused":
+        return _fused_fwd_launches(x, x_lora, weight, bias, lora_a)
+    from pyfastpeft.triton_kernels.lora import _lora_rank_cost as rc
+
+    (M, K), N, R, s = x.shape, weight.shape[0], lora_a.shape[0], x.element_size()
+    bm = rc.config("fp32" if x.dtype == torch.float32 else "16", R)["fwd"][0]
+    # the rank-r kernel writes y; cuBLAS reads it back as its C operand (counted in its bytes), adds x Wᵀ
+    return [launch("triton:lora_rank_fwd", rc.rank_fwd_cost(M, N, K, R, s, has_bias=bias is not None), x.dtype,
+                   ctas=cdiv(M, bm)),
+            launch("cublas:addmm(C=y)", rc.cublas_addmm_cost(M, N, K, s), x.dtype)]
 
 
 # matmul_tn's tile shapes (BLOCK_P, BLOCK_Q) per dtype class (its shipped configs): the model takes the one
@@ -343,19 +441,52 @@ def _dx_grid(M, N, K, s, dx_mode):
     return rows * groups, reread
 
 
-def _bwd_cost(args, kwargs, outputs):
-    """Launches of the Triton backward: the fused dx kernel and the two weight-gradient GEMMs (``matmul_tn``,
-    whose grid covers only the (R, K) / (N, R) output: few CTAs at small rank)."""
+def _fused_bwd_launches(dy, x_lora, weight, lora_a, dx_mode):
+    """The fused dx kernel and the weight-gradient GEMMs (``matmul_tn``, no ``dA`` when ``A`` is frozen)."""
     from pyfastpeft.triton_kernels.lora._lora_linear_cost import bwd_dx_cost
 
+    (M, N), K, R, s = dy.shape, weight.shape[1], lora_a.shape[0], dy.element_size()
+    out = []
+    if dx_mode or x_lora.dim() != 1:  # the dx kernel also computes g, which dA needs
+        ctas, reread = _dx_grid(M, N, K, s, dx_mode)
+        out.append(launch("triton:lora_bwd_dx", bwd_dx_cost(M, N, K, R, s, dx_mode=dx_mode), dy.dtype,
+                          ctas=ctas, reread=reread))
+    if x_lora.dim() != 1:
+        out.append(_tn_launch("triton:matmul_tn(dA)", M, R, K, dy.dtype, s))
+    return out + [_tn_launch("triton:matmul_tn(dB)", M, N, R, dy.dtype, s)]
+
+
+def _bwd_cost(args, kwargs, outputs):
+    """Launches of the Triton backward, as :func:`_fwd_cost` picks the variant. ``vendor``: one pass over dy
+    (g and dB partials), one pass over x_lora (g summed from its partials; dA partials, g A into dx), one
+    reduction of the dB and dA partials, then cuBLAS adds dy W onto dx (C operand) or writes it apart
+    (dropout). ``fused``: the fused dx kernel and the two weight-gradient GEMMs. An ``x_lora`` of shape
+    ``(0,)`` (A frozen, PSOFT) has no dA."""
     dy, x_lora, u, weight, lora_a = args[:5]
     dx_mode = args[7]
+    if triton_gemm_setting() == "fused":
+        return _fused_bwd_launches(dy, x_lora, weight, lora_a, dx_mode)
+    from pyfastpeft.triton_kernels.lora import _lora_rank_cost as rc
+
     (M, N), K, R, s = dy.shape, weight.shape[1], lora_a.shape[0], dy.element_size()
-    ctas, reread = _dx_grid(M, N, K, s, dx_mode)
-    return [launch("triton:lora_bwd_dx", bwd_dx_cost(M, N, K, R, s, dx_mode=dx_mode), dy.dtype,
-                   ctas=ctas, reread=reread),
-            _tn_launch("triton:matmul_tn(dA)", M, R, K, dy.dtype, s),
-            _tn_launch("triton:matmul_tn(dB)", M, N, R, dy.dtype, s)]
+    cfg = rc.config("fp32" if dy.dtype == torch.float32 else "16", R)
+    bm, bn = cfg["dy"][:2]
+    sp_dy = rc.split_counts(M, N, bm, bn, rc.H100_SMS, rc.DY_WEIGHTS)
+    bm, bk = cfg["x"][:2]
+    sp_x = rc.split_counts(M, K, bm, bk, rc.H100_SMS, rc.X_WEIGHTS)
+    out = [launch("triton:lora_rank_bwd_dy", rc.rank_bwd_dy_cost(M, N, R, s, split=sp_dy, block_n=bn), dy.dtype,
+                  ctas=sp_dy[0] * sp_dy[1])]
+    if dx_mode or x_lora.dim() != 1:
+        out.append(launch("triton:lora_rank_bwd_x", rc.rank_bwd_x_cost(M, K, R, s, split=sp_x, g_parts=sp_dy[1],
+                                                                      dx=dx_mode != 0), dy.dtype,
+                          ctas=sp_x[0] * sp_x[1]))
+    out.append(launch("triton:lora_rank_reduce(dB,dA)", rc.reduce_cost(s, (sp_dy[0], N, R), (sp_x[0], R, K)),
+                      dy.dtype, tensor_core=False))
+    if dx_mode == 1:
+        out.append(launch("cublas:addmm(C=dx)", rc.cublas_addmm_cost(M, K, N, s), dy.dtype))
+    elif dx_mode == 2:
+        out.append(launch("cublas:mm(dx)", rc.cublas_addmm_cost(M, K, N, s, beta=False), dy.dtype))
+    return out
 
 
 # declared costs, registered by the performance model (pfp.perf) when it is imported

@@ -464,13 +464,36 @@ def _cublas_path_counts(perf: Any, w: LinearWorkload) -> Any:
             + perf.count(lambda dy: torch_impl.bwd(dy, x, u, W, A, B, 2.0, 1), dy))
 
 
-def _efficiency_columns(perf: Any, w: LinearWorkload, notes: list) -> dict:
-    """The Triton path modeled with our GEMMs at 0.65 and 1.0 of cuBLAS's rate, the cuBLAS path's modeled
-    time, and the break-even efficiency between the two (below it the cuBLAS path is faster)."""
+@contextlib.contextmanager
+def triton_gemm(variant: str):
+    """Count (or run) LoRA's ``triton`` backend as ``variant`` (``"vendor"`` or ``"fused"``) inside the block:
+    sets ``PYFASTPEFT_TRITON_GEMM``, which also picks the launches its cost functions declare."""
+    old = os.environ.get("PYFASTPEFT_TRITON_GEMM")
+    os.environ["PYFASTPEFT_TRITON_GEMM"] = variant
     try:
-        gw = LinearWorkload(w.model, w.gpu_M, w.K, w.N, w.R, w.gpu_M)
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYFASTPEFT_TRITON_GEMM", None)
+        else:
+            os.environ["PYFASTPEFT_TRITON_GEMM"] = old
+
+
+def triton_counts(perf: Any, w: LinearWorkload, variant: str) -> Any:
+    """fwd+bwd launches of LoRA's ``triton`` backend as ``variant``, bf16 meta tensors at the GPU shape."""
+    gw = LinearWorkload(w.model, w.gpu_M, w.K, w.N, w.R, w.gpu_M)
+    with triton_gemm(variant):
         fn, args = _fn_for("pyfastpeft", _meta_inputs(gw, torch.bfloat16), backend="triton")
-        counts = perf.count(fn, *args, mode="fwd+bwd")
+        return perf.count(fn, *args, mode="fwd+bwd")
+
+
+def _efficiency_columns(perf: Any, w: LinearWorkload, notes: list) -> dict:
+    """The ``fused`` Triton GEMM variant of LoRA's triton backend modeled with our GEMMs at 0.65 and 1.0 of
+    cuBLAS's rate, the cuBLAS path's (torch backend) modeled time, and the break-even efficiency between the
+    two (below it the cuBLAS path is faster). ``benchmarks/model_sensitivity.py`` also sets the fused variant
+    against the default ``vendor`` one."""
+    try:
+        counts = triton_counts(perf, w, "fused")
         lo, hi = perf.EFFICIENCY_RANGE
         cublas_s = perf.roofline(_cublas_path_counts(perf, w)).time()
         return {"modeled_h100_ms_e065": perf.roofline(counts, triton_efficiency=lo).time() * 1e3,

@@ -199,10 +199,12 @@ def test_explain_before_the_first_call(env, monkeypatch):
 def test_real_ops_declare_the_vendor_order():
     from pyfastpeft.lora import gated_lora_linear, lora_linear
     from pyfastpeft.orthogonal import oft_linear
-    for reg in (lora_linear.FWD, lora_linear.BWD, gated_lora_linear.FWD, gated_lora_linear.BWD, oft_linear.FWD,
-                oft_linear.BWD):
+    for reg in (gated_lora_linear.FWD, gated_lora_linear.BWD, oft_linear.FWD, oft_linear.BWD):
         order = reg.static_order(CUDA)
         assert order.index("triton") > order.index("torch"), reg.op
+    # LoRA's triton backend defaults to its cuBLAS-backed variant (vendor), modeled fastest: it comes first
+    for reg in (lora_linear.FWD, lora_linear.BWD):
+        assert reg.static_order(CUDA)[0] == "triton" and lora_linear.STATIC_VARIANT == "vendor"
 
 
 def _writer(path, start, n):

@@ -16,6 +16,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = pfp.available_backends("lora_linear", DEVICE)
 
 
+@pytest.fixture(autouse=True)
+def _fused_triton(monkeypatch):
+    """This file tests the ``fused`` variant of the triton backend (its fused Triton GEMMs);
+    tests/lora/test_lora_rank.py runs the same cases on the default ``vendor`` variant."""
+    monkeypatch.setenv("PYFASTPEFT_TRITON_GEMM", "fused")
+
+
 def test_backends_present_on_this_machine():
     # The torch backend always runs; Triton runs here under the interpreter (conftest sets TRITON_INTERPRET).
     assert "torch" in BACKENDS
