@@ -386,7 +386,6 @@ def explain_args(x, weight, bias, lora_a, lora_b, scale, *, dropout_p=0.0, backe
 # --------------------------------------------------------------------------------------------- cost model
 
 
-def _fwd_cost(args, kwargs, outputs):
 def _fused_fwd_launches(x, x_lora, weight, bias, lora_a):
     """The fused Triton forward: its grid (128 x 128 tiles, ``tiles_per_prog`` N tiles per program) and the
     x / W panels it re-reads once they leave L2."""
