@@ -62,7 +62,8 @@ def _lora_bwd(M, K, N, R):
 
 # fwd: 128 x 128 tiles, tiles_per_prog N tiles a program (4 at Llama, 2 at ViT); matmul_tn: the widest grid
 @pytest.mark.parametrize("M,K,N,ctas_tn,ctas_fwd", [(8192, 4096, 4096, 64, 64 * 8), (64 * 197, 768, 768, 12, 99 * 3)])
-def test_lora_launches_declare_their_grids(M, K, N, ctas_tn, ctas_fwd):
+def test_lora_launches_declare_their_grids(M, K, N, ctas_tn, ctas_fwd, monkeypatch):
+    monkeypatch.setenv("PYFASTPEFT_TRITON_GEMM", "fused")  # the fused variant's kernels and grids
     ops = {o.name: o for o in _lora_bwd(M, K, N, 16).ops}
     assert ops["triton:matmul_tn(dA)"].ctas == ctas_tn and ops["triton:matmul_tn(dB)"].ctas == ctas_tn
     assert ops["triton:lora_fwd"].ctas == ctas_fwd
