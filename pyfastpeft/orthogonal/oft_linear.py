@@ -208,7 +208,8 @@ def explain_args(x, weight, bias, oft_v, block_size, *, method="neumann", conven
 def _on_triton(x) -> bool:
     from pyfastpeft.triton_kernels.orthogonal._oft_cost import oft_triton_supports
 
-    return x.device.type == "cuda" and oft_triton_supports(x.dtype, 16) is None
+    # a GPU (or the model's meta tensors): the Triton backend is the static default there
+    return x.device.type != "cpu" and oft_triton_supports(x.dtype, 16) is None
 
 
 def _rot(name, rows, K, b, G_r, x):
@@ -244,7 +245,9 @@ def _bwd_cost(args, kwargs, outputs):
     (M, K), N, b = x.shape, weight.shape[0], R.shape[-1]
     mm = count_torch(torch.mm, dy, weight)
     if need_dx and _fallback.oft_weight_side(M, N):
-        return [_rot("weight", N, K, b, R.shape[0], x)] + list(mm) + [_diag(M, K, b, x)]
+        orthogonal = bool(args[5])
+        tail = count_torch(lambda E, R: torch.bmm(E, _fallback.inv_transpose(R, orthogonal)), R.new_empty(R.shape), R)
+        return [_rot("weight", N, K, b, R.shape[0], x)] + list(mm) + [_diag(M, K, b, x)] + list(tail)
     return list(mm) + [_diag(M, K, b, x)] + ([_rot("input", M, K, b, R.shape[0], x)] if need_dx else [])
 
 
