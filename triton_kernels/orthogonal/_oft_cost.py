@@ -21,9 +21,12 @@ def _pow2(n: int) -> int:
 
 def oft_tiles(b: int) -> dict:
     """``BLOCK_C``: the tile of a block's columns (a power of two, 16 ≤ BLOCK_C ≤ 64; padded lanes masked);
-    ``BLOCK_R`` rows per rotation program; ``BLOCK_M`` rows per step of the diagonal-block pass."""
+    ``BLOCK_R`` rows per rotation program; ``BLOCK_M`` rows per step of the diagonal-block pass; warps of each
+    (the largest tiles that compile without spills on sm_80 and sm_90a, compile report)."""
     bc = min(max(_pow2(b), 16), MAX_TILE)
-    return dict(BLOCK_C=bc, BLOCK_R=64, BLOCK_M=32, num_warps=4)
+    if bc == MAX_TILE:  # a 64 × 64 tile: fewer rows and more warps keep fp32 / TF32x3 products out of spills
+        return dict(BLOCK_C=bc, BLOCK_R=32, BLOCK_M=32, num_warps=8, diag_warps=4)
+    return dict(BLOCK_C=bc, BLOCK_R=64, BLOCK_M=64 if bc == 32 else 32, num_warps=4, diag_warps=4)
 
 
 def diag_splits(M: int, G: int, b: int, sm_count: int, *, interpret: bool = False) -> tuple[int, int]:

@@ -133,7 +133,7 @@ def diag_blocks(a: torch.Tensor, c: torch.Tensor, b: int) -> torch.Tensor:
     nt = triton.cdiv(b, cfg["BLOCK_C"])
     _oft_diag_kernel[(S, G, nt * nt)](a, c, part, M, rows_per_split, G, a.stride(0), c.stride(0), B=b,
                                       PRECISION=_precision(a.dtype), UPCAST=_upcast(a.dtype),
-                                      BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+                                      BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["diag_warps"])
     return part.sum(0)
 
 
@@ -194,7 +194,7 @@ def _aot_specs() -> list[AOTSpec]:
                  "G": "i32", "stride_a": "i32", "stride_c": "i32", "B": "constexpr", "PRECISION": "constexpr",
                  "UPCAST": "constexpr", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr"},
                 dict(B=b, PRECISION=_precision(_DT[ty]), UPCAST=False, BLOCK_M=cfg["BLOCK_M"],
-                     BLOCK_C=cfg["BLOCK_C"]), num_warps=cfg["num_warps"],
+                     BLOCK_C=cfg["BLOCK_C"]), num_warps=cfg["diag_warps"],
                 meta={"divisible_by_16": ["ROWS_PER_SPLIT"] + (["stride_a", "stride_c"] if b % 16 == 0 else [])}))
     return specs
 
