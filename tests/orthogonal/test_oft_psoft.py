@@ -91,7 +91,8 @@ def _skip_unsupported(backend, b, dtype=torch.float32):
 
 def _oft_ref_lowp(x, weight, bias, oft_v, block_size, **kw):
     # PEFT's order in low precision: rotate in the adapter's fp32, cast, frozen GEMM in x's dtype
-    xr = oft_linear_ref(x.float(), torch.eye(x.shape[-1]), None, oft_v.float(), block_size, **kw).to(x.dtype)
+    eye = torch.eye(x.shape[-1], device=x.device)
+    xr = oft_linear_ref(x.float(), eye, None, oft_v.float(), block_size, **kw).to(x.dtype)
     y = xr @ weight.t()
     return y if bias is None else y + bias
 
