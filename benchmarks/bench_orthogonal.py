@@ -11,9 +11,11 @@ Per ``docs/performance.md``; one run measures, per workload:
   layers: saved-for-backward bytes per token (exact, fp32, ``pfp.perf.saved_bytes``), modeled H100 fwd+bwd
   (bf16, M = 8192 Llama / 12608 ViT tokens) as ratios ours / frozen and PEFT / ours, and CPU wall-clock
   (fp32, M / 16) as the same ratios. "frozen" is the base ``nn.Linear`` with a frozen weight (forward +
-  input gradient).
+  input gradient). OFT's modeled path is the CUDA static default: the Triton rotation and diagonal-block
+  kernels (memory-bound, modeled at the bandwidth; Triton efficiency 0.75 applies only to FLOPs of our own
+  launches, and no GEMM of ours is used) with both GEMMs on cuBLAS; on CPU ours is the torch backend.
 
-    python benchmarks/bench_orthogonal.py [--quick] [--rounds 5] [--json benchmarks/results/orthogonal-cpu.json]
+    python benchmarks/bench_orthogonal.py [--quick] [--rounds 5] [--only oft] [--json benchmarks/results/orthogonal-cpu.json]
 
 Every CPU timing keeps its spread ((p80 - p20) / median, ``cpu_spread``); a CPU ratio that uses a timing with
 spread > 20 % is flagged (``<ratio>_noisy``, ``(x)!`` in the printed lines): not a result. Without ``--json``
@@ -144,13 +146,15 @@ class _Frozen(nn.Module):
         return self.lin(x)
 
 
-def layer_rows(rounds: int, quick: bool) -> list[dict]:
+def layer_rows(rounds: int, quick: bool, only: str = "all") -> list[dict]:
     rows = []
     for sname, K, N, M in LAYER_SHAPES if not quick else LAYER_SHAPES[1:]:
         torch.manual_seed(0)
         base = nn.Linear(K, N)
         base.requires_grad_(False)
         for name, kind, opts in _layer_configs(quick):
+            if only not in ("all", kind):
+                continue
             t0 = time.perf_counter()
             pl = _peft_layer(kind, copy.deepcopy(base), opts)
             ours = (OFTLinear if kind == "oft" else PSOFTLinear).from_peft(pl)
@@ -221,13 +225,17 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only", choices=("all", "oft", "psoft"), default="all",
+                    help="layer rows of one method only, and no Cayley rows (never written with --json)")
     a = ap.parse_args(argv)
+    if a.only != "all" and a.json:
+        ap.error("--only measures part of the table: it is not written to --json")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     out = dict(machine=platform.processor() or platform.machine(), torch=torch.__version__, threads=a.threads,
                note="h100_* are a roofline MODEL (pfp.perf.roofline), not measurements; cpu_* are medians")
-    out["cayley"] = cayley_rows(a.rounds)
-    out["layers"] = layer_rows(max(3, a.rounds // 2), a.quick)
+    out["cayley"] = cayley_rows(a.rounds) if a.only == "all" else []
+    out["layers"] = layer_rows(max(3, a.rounds // 2), a.quick, a.only)
     if any(r.get(k) for r in out["cayley"] + out["layers"] for k in r if k.endswith("_noisy")):
         print(timing.FOOTNOTE)
     if a.json:

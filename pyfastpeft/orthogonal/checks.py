@@ -79,7 +79,12 @@ def _cayley_sample(device, dtype):
 def _oft_cases(device, dtype):
     return [OrthLinearCase("OFT 37x64->48 b16 neumann", 37, 64, 48, 16, "neumann"),
             OrthLinearCase("OFT 20x96->40 b32 exact", 20, 96, 40, 32, "exact"),
-            OrthLinearCase("OFT 9x48->24 b8 shared nobias", 9, 48, 24, 8, "neumann", shared=True, bias=False)]
+            OrthLinearCase("OFT 9x48->24 b8 shared nobias", 9, 48, 24, 8, "neumann", shared=True, bias=False),
+            # more tokens than outputs: the weight is rotated (W' = W R_bd^T, dR from the diagonal blocks of x^T dx)
+            # (b = 2 not shared: a shared 2 x 2 block has one generator, and a max over one value is a fragile baseline)
+            OrthLinearCase("OFT 70x48->24 b12 neumann shared (weight side)", 70, 48, 24, 12, "neumann", shared=True),
+            OrthLinearCase("OFT 41x32->16 b2 exact (weight side)", 41, 32, 16, 2, "exact"),
+            OrthLinearCase("OFT 45x256->40 b128 exact (weight side)", 45, 256, 40, 128, "exact")]
 
 
 def _psoft_cases(device, dtype):

@@ -4,22 +4,24 @@
     y   = x R_bd Wᵀ + bias,   R_bd = blockdiag(R_1 … R_G),  K = G · b
 
 Shapes: ``x (..., K)``, ``weight (N, K)`` frozen, ``bias (N,)`` or None, ``oft_v (G, b(b−1)/2)`` or
-``(1, b(b−1)/2)`` (``block_share``: one block repeated G times). No ``K × K`` matrix is built.
-Saved for backward: ``x`` and the work-dtype ``R (G, b, b)`` (not the rotated copy of ``x``: backward
-gets ``dR_g = x_gᵀ (dy W)_g`` from ``x`` itself). PEFT rotates in the adapter's dtype (fp32) and casts
-back; so do we. Under ``torch.autocast`` the public function casts ``x``, ``weight`` and ``bias`` to the
+``(1, b(b−1)/2)`` (``block_share``: one block repeated G times), any ``b`` dividing ``K``. No ``K × K``
+matrix is built. The same ``y`` is ``x W'ᵀ + bias`` with ``W' = W R_bdᵀ``: with more tokens than output
+features (``M > N``) the weight is rotated (``N·K·b`` FLOPs, one pass over ``W``), else the input. Backward on
+the weight side: ``dx = dy W'`` and ``dR_g = (x_gᵀ dx_g) R_g⁻ᵀ`` from one pass over ``(x, dx)`` — the weight
+gradient GEMM is never formed (``docs/orthogonal.md`` §3). Saved for backward: ``x`` and the work-dtype
+``R (G, b, b)``; ``W'`` is rebuilt (``N·K`` values per layer not kept). The rotation runs in fp32 (the
+adapter's dtype, as PEFT) and is rounded once to the compute dtype. Under ``torch.autocast`` the public function casts ``x``, ``weight`` and ``bias`` to the
 autocast dtype, the primitives run with autocast off and the backward replays the forward's autocast state
 (:mod:`pyfastpeft.core.amp`, ``docs/orthogonal.md`` §7).
 
 Layering: the Cayley transform is its own op (:mod:`pyfastpeft.orthogonal.cayley`, batched, one launch); the
-rotate + frozen GEMM is ``pyfastpeft::oft_linear_fwd/bwd``. Backends of the latter: ``torch``
-(``pyfastpeft.orthogonal.torch_impl``, cuBLAS/MKL GEMMs and one batched product for the rotation; it
-rotates W instead of x when that is cheaper, ``N < M``) and ``triton`` (``pyfastpeft.triton_kernels.orthogonal.oft_linear``:
-the rotation of each ``x`` tile runs in the base GEMM's prologue, no rotated copy of ``x`` in memory; the
-backward computes ``dy W`` per block and rotates it back in the epilogue while accumulating ``dR``). The
-kernels run b in 16/32/64, but the backend takes b = 16 only: every N tile recomputes its rotation, which
-costs more than the torch path's one batched rotation from b = 32 on (roofline model; see
-``triton_kernels/orthogonal/_cayley_cost.py``). There is no ``cuda`` backend for this op (forcing it raises).
+rotate + frozen GEMM is ``pyfastpeft::oft_linear_fwd/bwd``. Both backends run the big GEMMs on the vendor
+library (cuBLAS / MKL via torch) and differ in the memory-bound work: ``torch``
+(``pyfastpeft.orthogonal.torch_impl``: batched products, with fp32 copies of 16-bit operands) and ``triton``
+(``pyfastpeft.triton_kernels.orthogonal.oft_linear``: a block-rotation kernel and a diagonal-block kernel
+that read 16-bit operands once and compute in fp32). Both take every block size and pick the side by shape.
+On CUDA the static default is ``triton`` (fewer bytes in the roofline model); the measured dispatch decides
+where it runs. There is no ``cuda`` backend for this op (forcing it raises).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pyfastpeft.core.cost import launch, torch_path_cost
+from pyfastpeft.core.cost import count_torch, launch, torch_path_cost
 from pyfastpeft.core.dtypes import acc_dtype
 from pyfastpeft.core.backend import (Backend, OpRegistry,
                                   triton_available as _triton_available,
@@ -39,9 +41,10 @@ from pyfastpeft.orthogonal.cayley import cayley_work, validate_cayley_args
 from pyfastpeft.core.checks import autocast_on, check_bias, check_same_device, check_tensor, compute_dtype
 from pyfastpeft.core.amp import amp_bwd, amp_fwd, autocast_off
 
-# the fused Triton OFT GEMM must win a measurement on the GPU; the static default on CUDA is the cuBLAS path
-FWD = OpRegistry("oft_linear_fwd", public="oft_linear", vendor_order=("cuda", "torch", "triton"))
-BWD = OpRegistry("oft_linear_bwd", public="oft_linear", vendor_order=("cuda", "torch", "triton"))
+# both backends keep the GEMMs on cuBLAS; the Triton one moves fewer bytes for the rest (roofline model), so it is
+# the static default on CUDA, and the measured dispatch has the last word
+FWD = OpRegistry("oft_linear_fwd", public="oft_linear", vendor_order=("cuda", "triton", "torch"))
+BWD = OpRegistry("oft_linear_bwd", public="oft_linear", vendor_order=("cuda", "triton", "torch"))
 
 
 
@@ -52,7 +55,7 @@ def _tk():
 
 
 def _triton_supports(t: Tensor, R: Tensor) -> Optional[str]:
-    from pyfastpeft.triton_kernels.orthogonal._cayley_cost import oft_triton_supports
+    from pyfastpeft.triton_kernels.orthogonal._oft_cost import oft_triton_supports
 
     return oft_triton_supports(t.dtype, R.shape[-1])
 
@@ -63,7 +66,7 @@ FWD.register(Backend("triton", lambda *a: _tk().oft_fwd(*a), devices=_triton_dev
                      supports=lambda x, w, b, R: _triton_supports(x, R),
                      why_unavailable=lambda: "triton is not installed (pip install triton)"))
 BWD.register(Backend("triton", lambda *a: _tk().oft_bwd(*a), devices=_triton_devices, available=_triton_available,
-                     supports=lambda dy, x, w, R, need_dx: _triton_supports(x, R),
+                     supports=lambda dy, x, w, R, need_dx, orthogonal: _triton_supports(x, R),
                      why_unavailable=lambda: "triton is not installed (pip install triton)"))
 
 
@@ -83,16 +86,17 @@ def _(x, weight, bias, R, backend=None):
 
 
 @torch.library.custom_op("pyfastpeft::oft_linear_bwd", mutates_args=())
-def oft_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, R: Tensor, need_dx: bool,
+def oft_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, R: Tensor, need_dx: bool, orthogonal: bool,
                    backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
-    """Primitive backward: ``(dx (M, K) or (0,), dR like R)`` (autocast off, as the forward)."""
+    """Primitive backward: ``(dx (M, K) or (0,), dR like R)`` (autocast off, as the forward).
+    ``orthogonal``: ``R`` is an exact Cayley transform, so ``R_g⁻ᵀ = R_g`` (else a batched inverse)."""
     with autocast_off(dy.device.type):
-        impl = BWD.select(dy.device, dy, x, weight, R, need_dx, backend=backend)
-        return impl.fn(dy, x, weight, R, need_dx)
+        impl = BWD.select(dy.device, dy, x, weight, R, need_dx, orthogonal, backend=backend)
+        return impl.fn(dy, x, weight, R, need_dx, orthogonal)
 
 
 @oft_linear_bwd.register_fake
-def _(dy, x, weight, R, need_dx, backend=None):
+def _(dy, x, weight, R, need_dx, orthogonal, backend=None):
     return dy.new_empty(x.shape if need_dx else (0,)), R.new_empty(R.shape)
 
 
@@ -101,9 +105,9 @@ class OFTLinearFn(torch.autograd.Function):
 
     @staticmethod
     @amp_fwd
-    def forward(ctx, x, weight, bias, R, backend):
+    def forward(ctx, x, weight, bias, R, orthogonal, backend):
         y = torch.ops.pyfastpeft.oft_linear_fwd(x, weight, bias, R, backend)
-        ctx.backend = backend
+        ctx.backend, ctx.orthogonal = backend, orthogonal
         ctx.bias_grad = bias is not None and ctx.needs_input_grad[2]
         ctx.save_for_backward(x, weight, R)
         return y
@@ -113,9 +117,10 @@ class OFTLinearFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, R = ctx.saved_tensors
         need_dx = bool(ctx.needs_input_grad[0])
-        dx, dR = torch.ops.pyfastpeft.oft_linear_bwd(dy.contiguous(), x, weight, R, need_dx, ctx.backend)
+        dx, dR = torch.ops.pyfastpeft.oft_linear_bwd(dy.contiguous(), x, weight, R, need_dx, ctx.orthogonal,
+                                                     ctx.backend)
         dbias = dy.sum(0, dtype=acc_dtype(dy.dtype)).to(dy.dtype) if ctx.bias_grad else None
-        return (dx if need_dx else None, None, dbias, dR if ctx.needs_input_grad[3] else None, None)
+        return (dx if need_dx else None, None, dbias, dR if ctx.needs_input_grad[3] else None, None, None)
 
 
 def validate_oft_args(x, weight, bias, oft_v, block_size, method, convention, terms) -> None:
@@ -188,7 +193,7 @@ def oft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], oft_v: Tensor,
     K, N = weight.shape[1], weight.shape[0]
     lead = x.shape[:-1]
     y = OFTLinearFn.apply(x.to(dt).reshape(-1, K), weight.to(dt), None if bias is None else bias.to(dt), R,
-                          backend)
+                          method == "exact", backend)
     return y.reshape(*lead, N)
 
 
@@ -200,29 +205,50 @@ def explain_args(x, weight, bias, oft_v, block_size, *, method="neumann", conven
 
 
 # --------------------------------------------------------------------------------------------- cost model
-def _fwd_cost(args, kwargs, outputs):
-    """The fused Triton forward where it runs (b in 16/32/64), else the torch path op by op."""
-    from pyfastpeft.triton_kernels.orthogonal._cayley_cost import oft_fwd_cost, oft_triton_supports
+def _on_triton(x) -> bool:
+    from pyfastpeft.triton_kernels.orthogonal._oft_cost import oft_triton_supports
 
+    # a GPU (or the model's meta tensors): the Triton backend is the static default there
+    return x.device.type != "cpu" and oft_triton_supports(x.dtype, 16) is None
+
+
+def _rot(name, rows, K, b, G_r, x):
+    from pyfastpeft.triton_kernels.orthogonal._oft_cost import oft_rotate_cost
+
+    c = oft_rotate_cost(rows, K, b, G_r, x.element_size(), fp16=x.dtype == torch.float16)
+    return launch(f"triton:oft_rotate_{name}", c, x.dtype)
+
+
+def _diag(M, K, b, x):
+    from pyfastpeft.triton_kernels.orthogonal._oft_cost import diag_splits, oft_diag_cost
+
+    S, _ = diag_splits(M, K // b, b, 132)  # the split count only sizes the partial sums (an H100's 132 SMs)
+    return launch("triton:oft_diag", oft_diag_cost(M, K, b, x.element_size(), S), x.dtype)
+
+
+def _fwd_cost(args, kwargs, outputs):
+    """On CUDA (the Triton backend, the static default there): the rotation kernel and the vendor GEMM; elsewhere
+    the torch path op by op."""
     x, weight, bias, R = args[:4]
-    if oft_triton_supports(x.dtype, R.shape[-1]) is not None:
+    if not _on_triton(x):
         return torch_path_cost(_fallback.oft_fwd)(args, kwargs, outputs)
     (M, K), N, b = x.shape, weight.shape[0], R.shape[-1]
-    c = oft_fwd_cost(M, N, K, b, R.shape[0], x.element_size(), has_bias=bias is not None)
-    return [launch("triton:oft_fwd", c, x.dtype)]
+    side = _fallback.oft_weight_side(M, N)
+    rot = _rot("weight" if side else "input", N if side else M, K, b, R.shape[0], x)
+    return [rot] + list(count_torch(_fallback._linear, x, weight, bias))
 
 
 def _bwd_cost(args, kwargs, outputs):
-    from pyfastpeft.triton_kernels.orthogonal._cayley_cost import oft_bwd_cost, oft_triton_supports
-
     dy, x, weight, R, need_dx = args[:5]
-    if oft_triton_supports(x.dtype, R.shape[-1]) is not None:
+    if not _on_triton(x):
         return torch_path_cost(_fallback.oft_bwd)(args, kwargs, outputs)
     (M, K), N, b = x.shape, weight.shape[0], R.shape[-1]
-    c = oft_bwd_cost(M, N, K, b, R.shape[0], x.element_size(), need_dx=bool(need_dx))
-    return [launch("triton:oft_bwd", c, x.dtype)]
-
-
+    mm = count_torch(torch.mm, dy, weight)
+    if need_dx and _fallback.oft_weight_side(M, N):
+        orthogonal = bool(args[5])
+        tail = count_torch(lambda E, R: torch.bmm(E, _fallback.inv_transpose(R, orthogonal)), R.new_empty(R.shape), R)
+        return [_rot("weight", N, K, b, R.shape[0], x)] + list(mm) + [_diag(M, K, b, x)] + list(tail)
+    return list(mm) + [_diag(M, K, b, x)] + ([_rot("input", M, K, b, R.shape[0], x)] if need_dx else [])
 
 
 # declared costs, registered by the performance model (pfp.perf) when it is imported

@@ -18,10 +18,16 @@ fp64 for fp64 ``v`` (never half: PEFT #3087 came from half-precision solves).
 * ``dv = (dQ − dQᵀ)[rows, cols]``.
 
 OFT linear on 2-D ``x (M, K)``, ``R (G or 1, b, b)`` in the work dtype:
-``y = rot(x) Wᵀ + bias`` with ``rot(x)[:, g] = x[:, g] R_g``. The rotation runs in R's dtype, then the
-rotated input is cast to x's dtype (PEFT's order). Saved: ``x`` (not the rotated copy) and ``R``.
-Backward: ``d = dy W``; ``dx[:, g] = d[:, g] R_gᵀ``; ``dR_g = x[:, g]ᵀ d[:, g]`` (summed over g when one
-block is shared).
+``y = rot(x) Wᵀ + bias`` with ``rot(x)[:, g] = x[:, g] R_g``, i.e. ``y = x W'ᵀ + bias`` with the rotated
+weight ``W'[:, g] = W[:, g] R_gᵀ`` (``docs/orthogonal.md`` §3). Which side is rotated follows the shape
+(:func:`oft_weight_side`): the weight when ``M > N`` (``N·K·b`` FLOPs, token-count free), the input otherwise
+(``M·K·b``). Rotations run in R's dtype and their result is rounded once to the compute dtype (``W'`` on
+the weight side, where PEFT rounds the rotated input). Saved: ``x`` and ``R``; ``W'`` is rebuilt in the
+backward (one more pass over ``W`` instead of keeping ``N·K`` values per layer).
+Backward, weight side: ``dx = dy W'`` (the frozen layer's dgrad), ``E_g = x_gᵀ dx_g`` (the diagonal
+``b × b`` blocks of ``xᵀ dx``) and ``dR_g = E_g R_g⁻ᵀ`` (``R_g`` itself for the exact, orthogonal transform;
+a batched inverse for the Neumann series). Input side, or no ``dx`` wanted: ``d = dy W``,
+``dR_g = x_gᵀ d_g``, ``dx_g = d_g R_gᵀ``. ``dR`` is summed over g when one block is shared.
 
 PSOFT linear on 2-D ``x``: ``u = x Aᵀ``, ``D = R' − I``, ``y = x Wᵀ + bias + s · (u Dᵀ) Bᵀ``
 (equal to PEFT's ``s · (u R'ᵀ − u) Bᵀ``, without its cancellation). Saved: ``u (M, r)`` only.
@@ -175,6 +181,12 @@ def cayley_bwd(dR: Tensor, v: Tensor, R: Tensor, block_size: int, method: str, c
 
 
 # --------------------------------------------------------------------------------------------- OFT
+def oft_weight_side(M: int, N: int) -> bool:
+    """Rotate the weight (``N·K·b`` FLOPs, one pass over ``W``) rather than the input (``M·K·b``, passes over
+    ``x`` and ``dy W``) when there are more tokens than output features: training batches, not decoding."""
+    return M > N
+
+
 def _rotate(t: Tensor, R: Tensor, transpose: bool) -> Tensor:
     """``t (M, K)`` block-wise times ``R_g`` (or ``R_gᵀ``), in R's dtype; ``R (G or 1, b, b)``."""
     M, K = t.shape
@@ -186,14 +198,30 @@ def _rotate(t: Tensor, R: Tensor, transpose: bool) -> Tensor:
     return out.transpose(0, 1).reshape(M, K)
 
 
+def rotated_weight(weight: Tensor, R: Tensor) -> Tensor:
+    """``W' = W R_bdᵀ`` (``W'[:, g] = W[:, g] R_gᵀ``), rotated in R's dtype, rounded once to W's dtype."""
+    return _rotate(weight, R, transpose=True).to(weight.dtype)
+
+
+def diag_blocks(a: Tensor, c: Tensor, G: int, dtype: torch.dtype) -> Tensor:
+    """``(G, b, b)``: the diagonal ``b × b`` blocks ``a_gᵀ c_g`` of ``aᵀ c`` in ``dtype``, never the ``K × K``
+    product (one batched product on ``(G, b, M)`` views)."""
+    M, K = a.shape
+    b = K // G
+    return torch.bmm(a.to(dtype).reshape(M, G, b).permute(1, 2, 0), c.to(dtype).reshape(M, G, b).transpose(0, 1))
+
+
+def inv_transpose(R: Tensor, orthogonal: bool) -> Tensor:
+    """``R_g⁻ᵀ`` per block: ``R`` itself when orthogonal (exact Cayley), else a batched inverse (Neumann)."""
+    if orthogonal:
+        return R
+    return torch.linalg.inv_ex(R.transpose(1, 2))[0]  # no error check: no host sync (R_g is invertible, §3)
+
+
 def oft_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], R: Tensor) -> Tensor:
     """``y (M, N)`` in x's dtype."""
-    M, K = x.shape
-    N = weight.shape[0]
-    b = R.shape[-1]
-    if M > N and x.dtype == R.dtype:
-        # fewer FLOPs to rotate W than x (N·K·b < M·K·b): x R_bd Wᵀ = x (W R_bdᵀ)ᵀ, same maths
-        return _linear(x, _rotate(weight, R, transpose=True).to(weight.dtype), bias)
+    if oft_weight_side(x.shape[0], weight.shape[0]):
+        return _linear(x, rotated_weight(weight, R), bias)
     return _linear(_rotate(x, R, transpose=False).to(x.dtype), weight, bias)
 
 
@@ -201,13 +229,19 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
 
 
-def oft_bwd(dy: Tensor, x: Tensor, weight: Tensor, R: Tensor, need_dx: bool) -> tuple[Tensor, Tensor]:
-    """``(dx (M, K) or (0,), dR (like R))``; dR in R's dtype (work dtype)."""
+def oft_bwd(dy: Tensor, x: Tensor, weight: Tensor, R: Tensor, need_dx: bool,
+            orthogonal: bool) -> tuple[Tensor, Tensor]:
+    """``(dx (M, K) or (0,), dR (like R))``; dR in R's dtype (work dtype). ``orthogonal``: ``R_g⁻¹ = R_gᵀ``."""
     M, K = x.shape
-    b = R.shape[-1]
-    G = K // b
+    G = K // R.shape[-1]
+    if need_dx and oft_weight_side(M, weight.shape[0]):
+        dx = torch.mm(dy, rotated_weight(weight, R))  # the frozen layer's dgrad with W'
+        E = diag_blocks(x, dx, G, R.dtype)
+        if R.shape[0] == 1:
+            E = E.sum(0, keepdim=True)
+        return dx, torch.bmm(E, inv_transpose(R, orthogonal))
     d = torch.mm(dy, weight).to(R.dtype)  # gradient w.r.t. the rotated input
-    dR = torch.bmm(x.to(R.dtype).reshape(M, G, b).permute(1, 2, 0), d.reshape(M, G, b).transpose(0, 1))
+    dR = diag_blocks(x, d, G, R.dtype)
     if R.shape[0] == 1:
         dR = dR.sum(0, keepdim=True)
     dx = _rotate(d, R, transpose=True).to(x.dtype) if need_dx else empty_out((0,), like=dy)

@@ -199,12 +199,17 @@ def test_explain_before_the_first_call(env, monkeypatch):
 def test_real_ops_declare_the_vendor_order():
     from pyfastpeft.lora import gated_lora_linear, lora_linear
     from pyfastpeft.orthogonal import oft_linear
-    for reg in (gated_lora_linear.FWD, gated_lora_linear.BWD, oft_linear.FWD, oft_linear.BWD):
+    for reg in (gated_lora_linear.FWD, gated_lora_linear.BWD):
         order = reg.static_order(CUDA)
         assert order.index("triton") > order.index("torch"), reg.op
     # LoRA's triton backend defaults to its cuBLAS-backed variant (vendor), modeled fastest: it comes first
     for reg in (lora_linear.FWD, lora_linear.BWD):
         assert reg.static_order(CUDA)[0] == "triton" and lora_linear.STATIC_VARIANT == "vendor"
+    # OFT's backends both run their GEMMs on cuBLAS; its Triton kernels do only the memory-bound work, which
+    # the model puts at ~800 us against ~1260 us for the torch path (Llama 4096², M 8192, bf16): triton first
+    for reg in (oft_linear.FWD, oft_linear.BWD):
+        order = reg.static_order(CUDA)
+        assert order.index("triton") < order.index("torch"), reg.op
 
 
 def _writer(path, start, n):

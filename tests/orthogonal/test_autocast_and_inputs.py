@@ -37,7 +37,7 @@ def _assert_verdicts(verdicts, names):
 
 def _oft_triton_skip(backend, b):
     if backend == "triton":
-        from pyfastpeft.triton_kernels.orthogonal._cayley_cost import oft_triton_supports
+        from pyfastpeft.triton_kernels.orthogonal._oft_cost import oft_triton_supports
 
         why = oft_triton_supports(torch.bfloat16, b)
         if why is not None:

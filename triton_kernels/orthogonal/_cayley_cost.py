@@ -12,8 +12,8 @@ whole batch in one launch, one ``b × b`` block per program, all in registers: H
 * exact backward: ``dQ = ∓½ (Rᵀ + I) dR (Rᵀ + I)``: two products;
 * Neumann backward: a reverse Horner recursion, three products per degree.
 
-The OFT / PSOFT layer costs are those of their torch paths (counted by ``pfp.perf`` on the meta device)
-plus these launches.
+The PSOFT layer cost is that of its torch path (counted by ``pfp.perf`` on the meta device) plus these
+launches; OFT linear's kernels declare theirs in ``_oft_cost.py``.
 """
 from __future__ import annotations
 
@@ -47,62 +47,3 @@ def cayley_bwd_cost(G: int, b: int, method: str, terms: int, v_itemsize: int) ->
         return dict(flops=G * (4 * b ** 3 + 2 * b * b), read=G * (2 * b * b + n) * 4, write=G * n * 4)
     d = neumann_degree(terms)
     return dict(flops=G * (6 * b ** 3 * d + 4 * b * b * d), read=G * (b * b * 4 + n * v_itemsize), write=G * n * 4)
-
-
-# --------------------------------------------------------------------------------------------- fused OFT
-def oft_fwd_cost(M: int, N: int, K: int, b: int, G_r: int, itemsize: int, *, has_bias: bool,
-                 block_n: int = 64) -> dict:
-    """``_oft_fwd_kernel``: y = rot(x) Wᵀ + bias; each N tile recomputes its rotation (``2·M·K·b``).
-
-    fp16/bf16: the rotation runs in TF32, at half the 16-bit tensor-core rate: its FLOPs count twice, so the
-    roofline's single peak per launch stays right (fp32 inputs run everything in IEEE fp32 anyway)."""
-    if not (M and N):
-        return dict(flops=0, read=0, write=0)
-    rot = 2 if itemsize == 2 else 1
-    flops = 2 * M * N * K + rot * 2 * M * K * b * _cdiv(N, block_n)
-    read = (M * K + N * K + (N if has_bias else 0)) * itemsize + G_r * b * b * 4
-    return dict(flops=flops, read=read, write=M * N * itemsize)
-
-
-def oft_bwd_cost(M: int, N: int, K: int, b: int, G_r: int, itemsize: int, *, need_dx: bool) -> dict:
-    """``_oft_bwd_kernel``: d = dy W per (M tile, block), dx = d Rᵀ, dR += xᵀ d (fp32 atomics: read + write);
-    the two rotations count twice for fp16/bf16 (TF32, as in the forward)."""
-    if not (M and K):
-        return dict(flops=0, read=0, write=0)
-    rot = 2 if itemsize == 2 else 1
-    flops = 2 * M * N * K + rot * ((2 * M * K * b if need_dx else 0) + 2 * M * K * b)
-    read = (M * N + N * K + M * K) * itemsize + 2 * G_r * b * b * 4
-    write = (M * K * itemsize if need_dx else 0) + G_r * b * b * 4
-    return dict(flops=flops, read=read, write=write)
-
-
-OFT_BLOCKS = (16, 32, 64)
-OFT_AUTO_MAX_B = 16
-
-
-def oft_kernel_supports(dtype, b: int):
-    """``None`` if the fused OFT kernels can run this case (capability), else the reason. Triton-free."""
-    import torch
-
-    if b not in OFT_BLOCKS:
-        return f"block_size {b} not in {OFT_BLOCKS} (one tl.dot K step per block)"
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"dtype {dtype} (fp32, fp16, bf16)"
-    if dtype == torch.float32 and b == 64:
-        return "fp32 with block_size 64 (the backward's IEEE-fp32 64x64 dots spill; fp16/bf16 do not)"
-    return None
-
-
-def oft_triton_supports(dtype, b: int):
-    """What the ``triton`` backend of ``oft_linear`` accepts: the kernels' capability, and only b <= 16.
-
-    Each N tile recomputes its rotation in the prologue (``2·M·K·b`` FLOPs per tile, TF32 for 16-bit inputs),
-    so the extra work grows as ``b / BLOCK_N``: in the H100 roofline model (Llama 4096², M = 8192, bf16) the
-    fused path is 1.26x the frozen layer at b = 16 but 1.52x at b = 32 and 2.0x at b = 64, where the torch
-    path (one memory-bound batched rotation) is 1.40x. So the backend takes b = 16 only; the kernels
-    themselves run b = 32 and 64 too (tested) for a later, cheaper rotation schedule."""
-    why = oft_kernel_supports(dtype, b)
-    if why is None and b > OFT_AUTO_MAX_B:
-        why = (f"block_size {b} > {OFT_AUTO_MAX_B}: the prologue rotation recomputed per N tile costs more than "
-               "the torch path here (roofline model)")
-    return why
