@@ -38,7 +38,8 @@ module in a subprocess with the variable removed and returns that subprocess's r
 Recognised ``AOTSpec.meta`` keys (all optional): ``"options"``: extra ``triton.compile`` options (e.g.
 ``{"maxnreg": 128}``); ``"aligned"``: assume 16-byte-aligned pointer arguments, as a real launch with
 ordinary torch tensors does (default ``True``); ``"divisible_by_16"``: names of integer arguments to
-specialise as multiples of 16 (as the JIT does for such values, e.g. strides and ``K``).
+specialise as multiples of 16 (as the JIT does for such values, e.g. strides and ``K``); ``"archs"``: compile
+only for these architectures (a Hopper-only kernel lists ``("sm_90a",)``).
 
 Fidelity: at launch the JIT specialises pointers that are 16-byte aligned, integers that are multiples of
 16, and integers equal to 1 (compiled as the constant 1). A spec reproduces the launched code only if it
@@ -795,10 +796,10 @@ def run(modules=None, archs: Sequence[str] = DEFAULT_ARCHS, json_path=None, fail
     pairs = indexed
     if spec_filter:
         pairs = [(m, i, s) for m, i, s in pairs if spec_filter in getattr(s, "name", "")]
-    total = len(pairs) * len(archs)
+    total = sum(_spec_wants(s, a) for (_, _, s) in pairs for a in archs)
     log(f"compile report: triton {versions.get('triton')}, ptxas {versions.get('ptxas', '?')}, "
         f"{len(pairs)} spec(s) x {len(archs)} arch(s)")
-    tasks = [(m, i, s, a) for (m, i, s) in pairs for a in archs]
+    tasks = [(m, i, s, a) for (m, i, s) in pairs for a in archs if _spec_wants(s, a)]
     done = 0
 
     def progress(row):
@@ -828,6 +829,12 @@ def run(modules=None, archs: Sequence[str] = DEFAULT_ARCHS, json_path=None, fail
     if json_path:
         _write_json(json_path, rows, versions)
     return rows
+
+
+def _spec_wants(spec, arch: str) -> bool:
+    """``meta["archs"]`` limits a spec to some architectures (a Hopper-only kernel: TMA, wgmma)."""
+    only = (getattr(spec, "meta", None) or {}).get("archs")
+    return not only or _parse_arch(arch)[1] in {_parse_arch(a)[1] for a in only}
 
 
 def exit_code(rows: Sequence[dict], fail_on_spill: bool = False) -> int:

@@ -97,6 +97,37 @@ _INTERP_DX = _cfg(16, 32, 32, 1, 1)
 _INTERP_TN = _tn_cfg(16, 32, 32, 1, 1)
 
 
+def _fwd_tma_hook(nargs):
+    """Descriptor block shapes follow the config (host descriptors carry them; set before each launch)."""
+    bm, bn, bk, br = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"], nargs["BLOCK_R"]
+    nargs["x_desc"].block_shape = [bm, bk]
+    nargs["xl_desc"].block_shape = [bm, bk]
+    nargs["w_desc"].block_shape = [bn, bk]
+    nargs["a_desc"].block_shape = [br, bk]
+    nargs["b_desc"].block_shape = [bn, br]
+    nargs["y_desc"].block_shape = [bm, bn // 2]  # SUBTILE: y is stored in two halves
+    nargs["u_desc"].block_shape = [bm, br]
+
+
+def _tma_cfg(bm, bn, bk, warps, stages, hook):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
+                         num_stages=stages, pre_hook=hook)
+
+
+# Hopper (sm_90) families, fp16/bf16 only, by rank bucket: every config reaches >= 2 CTAs per SM on sm_90a
+# with 0 spills (compile report, rows lora_fwd_tma/...).
+_FWD_TMA_FAMILIES = {
+    32: [_tma_cfg(128, 128, 64, 8, 2, _fwd_tma_hook), _tma_cfg(128, 128, 32, 8, 4, _fwd_tma_hook),
+         _tma_cfg(64, 128, 64, 4, 3, _fwd_tma_hook)],
+    64: [_tma_cfg(128, 128, 64, 8, 2, _fwd_tma_hook), _tma_cfg(128, 128, 32, 8, 4, _fwd_tma_hook),
+         _tma_cfg(64, 128, 64, 4, 3, _fwd_tma_hook)],
+    128: [_tma_cfg(64, 128, 32, 4, 3, _fwd_tma_hook)],
+}
+_INTERP_FWD_TMA = _tma_cfg(16, 32, 32, 1, 1, _fwd_tma_hook)
+# persistent grids: this many programs per SM (the configs above fit two CTAs per SM)
+PERSISTENT_CTAS_PER_SM = 2
+
+
 @triton.jit
 def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
     """Row-grouped program order: GROUP_M row tiles share the same column tiles in L2."""
@@ -363,6 +394,109 @@ def _matmul_tn_kernel(
              mask=p_ok[:, None] & q_ok[None, :])
 
 
+# ------------------------------------------------------------------------------- Hopper (sm_90) variants
+# The same maths as the kernels above, built the way GEMMs reach the tensor cores' rate on Hopper: operand
+# tiles arrive by TMA (host tensor descriptors: a tile load is one UTMALDG that lands in shared memory,
+# with out-of-range rows and columns zero-filled, so the main loop has no masks and no address math), the
+# dots are warpgroup MMAs (wgmma) fed from shared memory, and the grid is persistent: ``sms * 2`` programs
+# walk the work items (row block x group of TILES_PER_PROG column tiles) in the grouped, L2-friendly order
+# of ``_grouped_pid``, so the items in flight at one time share their W tiles in L2. The configs keep one
+# warpgroup's accumulators within 255 registers (4 warps) or two within 128 (8 warps) so that two CTAs fit
+# on an SM: one CTA's epilogue overlaps the other's main loop (compile report: ``ctas_per_sm``).
+# Ampere, fp32 and misaligned tensors keep the pointer-load kernels (``_use_tma``).
+
+@triton.jit
+def _fwd_mainloop_tma(
+    x_desc, xl_desc, w_desc, a_desc, m0, n0, K,
+    SHRINK: tl.constexpr, HAS_XL: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """K loop of one y tile from descriptor loads: ``x Wᵀ`` and, with SHRINK, ``u = x_lora Aᵀ``."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        xt = x_desc.load([m0, k0])
+        wt = w_desc.load([n0, k0])  # W tile (BLOCK_N, BLOCK_K); the dot takes its transpose from smem
+        if UPCAST:
+            acc = tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), acc)
+        else:
+            acc = tl.dot(xt, tl.trans(wt), acc)
+        if SHRINK:
+            at = a_desc.load([0, k0])  # A tile (BLOCK_R, BLOCK_K); rows past R are zero-filled
+            if HAS_XL:
+                xlt = xl_desc.load([m0, k0])
+            else:
+                xlt = xt
+            if UPCAST:
+                acc_u = tl.dot(xlt.to(tl.float32), tl.trans(at.to(tl.float32)), acc_u)
+            else:
+                acc_u = tl.dot(xlt, tl.trans(at), acc_u)
+    return acc, acc_u
+
+
+@triton.jit
+def _fwd_epilogue_tma(acc, u, m0, n0, scale, inv_scale, b_desc, bias_ptr, y_desc, N,
+                      HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILE: tl.constexpr):
+    """y tile = acc + scale · u Bᵀ + bias, stored by TMA (rows/columns past M/N are clipped by the store).
+
+    The expand accumulates into the main accumulator, ``(acc / scale + u Bᵀ) · scale``: a separate
+    ``u Bᵀ`` result would hold a second (BLOCK_M, BLOCK_N) fp32 tile in registers (172 instead of 112
+    registers at 128x128, 8 warps: one CTA per SM instead of two). The two fp32 scalings add at most two
+    fp32 roundings to a value then rounded to 16 bits (the launcher takes this kernel only for a finite,
+    non-zero scale)."""
+    bt = b_desc.load([n0, 0])  # B tile (BLOCK_N, BLOCK_R); rank columns past R are zero-filled
+    if UPCAST:
+        acc = tl.dot(u.to(tl.float32), tl.trans(bt.to(tl.float32)), acc * inv_scale) * scale
+    else:
+        acc = tl.dot(u, tl.trans(bt), acc * inv_scale) * scale
+    if HAS_BIAS:
+        rn = n0 + tl.arange(0, BLOCK_N)
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if SUBTILE:  # store the tile as two (BLOCK_M, BLOCK_N / 2) halves: half the staging shared memory
+        acc = tl.reshape(acc, (acc.shape[0], 2, BLOCK_N // 2))
+        acc = tl.permute(acc, (0, 2, 1))
+        lo, hi = tl.split(acc)
+        y_desc.store([m0, n0], lo.to(y_desc.dtype))
+        y_desc.store([m0, n0 + BLOCK_N // 2], hi.to(y_desc.dtype))
+    else:
+        y_desc.store([m0, n0], acc.to(y_desc.dtype))
+
+
+@triton.jit
+def _lora_fwd_tma_kernel(
+    x_desc, xl_desc, w_desc, a_desc, b_desc, y_desc, u_desc, bias_ptr,
+    M, N, K, R, M_BUCKET, TILES_PER_PROG, scale, inv_scale,
+    HAS_XL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, PAD_R: tl.constexpr = True, SUBTILE: tl.constexpr = True,
+):
+    """``_lora_fwd_kernel`` with TMA loads and stores and a persistent grid (one work item = the tiles one
+    program of the pointer kernel owns: a row block and TILES_PER_PROG column tiles sharing one shrink)."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_groups = tl.cdiv(num_n, TILES_PER_PROG)
+    r_ok = tl.arange(0, BLOCK_R) < R
+    for item in range(tl.program_id(0), num_m * num_groups, tl.num_programs(0)):
+        pid_m, pid_g = _grouped_pid(item, num_m, num_groups, GROUP_M)
+        m0 = pid_m * BLOCK_M
+        first = pid_g * TILES_PER_PROG
+        acc, acc_u = _fwd_mainloop_tma(x_desc, xl_desc, w_desc, a_desc, m0, first * BLOCK_N, K,
+                                       True, HAS_XL, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+        if PAD_R:  # as in _lora_fwd_kernel: padding ranks are 0, not x · 0
+            u = tl.where(r_ok[None, :], acc_u, 0.0).to(u_desc.dtype)
+        else:
+            u = acc_u.to(u_desc.dtype)
+        if pid_g == 0:
+            u_desc.store([m0, 0], u)  # rank columns past R are clipped
+        _fwd_epilogue_tma(acc, u, m0, first * BLOCK_N, scale, inv_scale, b_desc, bias_ptr, y_desc, N,
+                          HAS_BIAS, UPCAST, BLOCK_N, SUBTILE)
+        for t in range(first + 1, tl.minimum(first + TILES_PER_PROG, num_n)):
+            acc, _ = _fwd_mainloop_tma(x_desc, xl_desc, w_desc, a_desc, m0, t * BLOCK_N, K,
+                                       False, HAS_XL, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+            _fwd_epilogue_tma(acc, u, m0, t * BLOCK_N, scale, inv_scale, b_desc, bias_ptr, y_desc, N,
+                              HAS_BIAS, UPCAST, BLOCK_N, SUBTILE)
+
+
 # ----------------------------------------------------------------------------------------------- autotuners
 # One autotuner per family over the same @triton.jit function (compiled binaries are shared per config).
 _FWD = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_FWD), key=["N", "K", "BLOCK_R", "M_BUCKET"])(
@@ -370,6 +504,9 @@ _FWD = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_FWD), key=["
 _DX = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_DX),
                             key=["N", "K", "BLOCK_R", "M_BUCKET", "DX_MODE"])(_lora_bwd_dx_kernel)
        for fam, cfgs in _DX_FAMILIES.items()}
+_FWD_TMA = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_FWD_TMA),
+                                 key=["N", "K", "BLOCK_R", "M_BUCKET"])(_lora_fwd_tma_kernel)
+            for fam, cfgs in _FWD_TMA_FAMILIES.items()}
 _TN = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_TN), key=["P", "Q", "M_BUCKET"])(_matmul_tn_kernel)
        for fam, cfgs in _TN_FAMILIES.items()}
 
@@ -421,6 +558,44 @@ def _tiles_per_prog(M: int, n_cols: int, block_m: int, block_n: int, device: tor
     return tiles_per_prog(M, n_cols, block_m, block_n, _sm_count(device))
 
 
+def _hopper(device: torch.device) -> bool:
+    """The Hopper kernels run on sm_90 (H100/H200) only; under the interpreter tests switch them on."""
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] == 9
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A host tensor descriptor needs a 2-D tensor with unit last stride, 16-byte-aligned base and rows."""
+    es = t.element_size()
+    return (t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0
+            and t.shape[0] > 0 and t.shape[1] > 0)
+
+
+def _use_tma(dtype: torch.dtype, device: torch.device, *tensors, scale: float = 1.0) -> bool:
+    """The Hopper (TMA, persistent) kernels take a launch on sm_90, for fp16/bf16 (fp32's IEEE dots keep
+    the pointer kernels), a finite non-zero scale, and tensors a descriptor can address; else pointer loads."""
+    if dtype not in (torch.float16, torch.bfloat16) or not (scale != 0 and abs(scale) != float("inf")):
+        return False
+    if not (_hopper(device) or _FORCE_TMA):
+        return False
+    return all(_tma_ok(t) for t in tensors)
+
+
+_FORCE_TMA = False  # tests: run the Hopper kernels under the interpreter (it executes tensor descriptors)
+
+
+def _desc(t: torch.Tensor):
+    """A host TensorDescriptor of ``t``; its block shape is set per config by the autotuner's pre-hook."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1])
+
+
+def _persistent_grid(items: int, device: torch.device) -> int:
+    return max(1, min(items, PERSISTENT_CTAS_PER_SM * _sm_count(device)))
+
+
 def supports(dtype: torch.dtype, R: int) -> str | None:
     """None when these kernels take the call, else why not (the registry's ``supports``)."""
     if dtype not in _DTYPES:
@@ -442,6 +617,9 @@ def lora_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale: float):
     xl = x if x_lora is None else x_lora
     dummy = x  # never dereferenced when its HAS_* flag is off
     BR = _block_r(R)
+    if _use_tma(x.dtype, x.device, x, xl, weight, lora_a, lora_b, y, u, scale=float(scale)):
+        _lora_fwd_hopper(x, xl, x_lora is not None, weight, bias, lora_a, lora_b, y, u, float(scale), BR)
+        return _finish(y, x.dtype), _finish(u, x.dtype)
     fam = _family(x.dtype, BR)
     first = _FWD_FAMILIES[fam][0].kwargs
     tpp = _tiles_per_prog(M, N, first["BLOCK_M"], first["BLOCK_N"], x.device)
@@ -457,6 +635,22 @@ def lora_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale: float):
         PRECISION=_precision(x.dtype), BLOCK_R=BR, PAD_R=R < BR,
     )
     return _finish(y, x.dtype), _finish(u, x.dtype)
+
+
+def _lora_fwd_hopper(x, xl, has_xl, weight, bias, lora_a, lora_b, y, u, scale, BR):
+    """``lora_fwd`` by ``_lora_fwd_tma_kernel``: persistent grid of ``2 × SMs`` programs at most."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_a.shape[0]
+    bucket = next(b for b in _RANK_BUCKETS if BR <= b)
+    first = _FWD_TMA_FAMILIES[bucket][0].kwargs
+    tpp = _tiles_per_prog(M, N, first["BLOCK_M"], first["BLOCK_N"], x.device)
+    grid = lambda meta: (_persistent_grid(  # noqa: E731
+        triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(triton.cdiv(N, meta["BLOCK_N"]), tpp), x.device),)
+    _FWD_TMA[bucket][grid](
+        _desc(x), _desc(xl), _desc(weight), _desc(lora_a), _desc(lora_b), _desc(y), _desc(u),
+        bias if bias is not None else x, M, N, K, R, triton.next_power_of_2(M), tpp, scale, 1.0 / scale,
+        HAS_XL=has_xl, HAS_BIAS=bias is not None, UPCAST=_upcast(x.dtype), BLOCK_R=BR, PAD_R=R < BR,
+    )
 
 
 def matmul_tn(p, q, alpha: float, out_dtype=None, selected=None):
@@ -527,7 +721,7 @@ def _spec(name, kernel, ptrs, ints, strides, unit, cx, cfg, ty):
     constant 1, and sizes / leading strides are marked divisible by 16 (the JIT does both at launch)."""
     sig = {n: f"*{ty}" for n in ptrs}
     sig.update({n: "i32" for n in ints + strides})
-    sig.update({n: "fp32" for n in ("scale", "alpha") if n in kernel.arg_names})
+    sig.update({n: "fp32" for n in ("scale", "inv_scale", "alpha") if n in kernel.arg_names})
     sig.update({n: "constexpr" for n in cx})
     consts = dict(cx, **{n: 1 for n in unit})
     div16 = [n for n in ints + strides if n not in unit and n not in ("M", "R", "P", "TILES_PER_PROG")]
@@ -573,6 +767,27 @@ def _tn_spec(ty, prec, cfg, has_sel=False):
     return spec
 
 
+def _tma_spec(name, kernel, descs, ptrs, ints, strides, unit, cx, cfg, ty):
+    """An AOTSpec of a Hopper kernel: ``descs`` maps each descriptor argument to its block shape (Triton's
+    ``tensordesc<dtype[rows, cols]>`` signature, as a launch with a host TensorDescriptor of that block shape
+    is compiled); the other arguments as :func:`_spec`. Only for sm_90a (``meta["archs"]``)."""
+    spec = _spec(name, kernel, ptrs, ints, strides, unit, cx, cfg, ty)
+    spec.signature.update({d: f"tensordesc<{ty}[{rows},{cols}]>" for d, (rows, cols) in descs.items()})
+    spec.meta["archs"] = ("sm_90a",)
+    return spec
+
+
+def _fwd_tma_spec(ty, BR, cfg):
+    kw = cfg.kwargs
+    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    return _tma_spec(
+        f"lora_fwd_tma/{ty}/r{BR}/{bm}x{bn}x{bk}/w{cfg.num_warps}", _lora_fwd_tma_kernel,
+        {"x_desc": (bm, bk), "xl_desc": (bm, bk), "w_desc": (bn, bk), "a_desc": (BR, bk), "b_desc": (bn, BR),
+         "y_desc": (bm, bn // 2), "u_desc": (bm, BR)},
+        ["bias_ptr"], ["M", "N", "K", "R", "M_BUCKET", "TILES_PER_PROG"], [], [],
+        dict(HAS_XL=False, HAS_BIAS=True, UPCAST=False, BLOCK_R=BR, PAD_R=False, **kw), cfg, ty)
+
+
 def _aot_specs() -> list[AOTSpec]:
     """Every config of every family, as launched: 16-bit families as bf16 (fp16: the r<=32 family only,
     same code), fp32 families as fp32 with IEEE dots; the r<=32 bucket at both BLOCK_R=16 and 32."""
@@ -588,6 +803,9 @@ def _aot_specs() -> list[AOTSpec]:
         specs += [_tn_spec(ty, prec, cfg) for cfg in _TN_FAMILIES[cls]]
         if ty != "fp16":  # token-selective LoRA's dA / dB over selected rows
             specs += [_tn_spec(ty, prec, cfg, has_sel=True) for cfg in _TN_FAMILIES[cls]]
+    for bucket in _RANK_BUCKETS:  # Hopper variants (sm_90a only), bf16 (fp16 is the same code)
+        for BR in ((16, 32) if bucket == 32 else (bucket,)):
+            specs += [_fwd_tma_spec("bf16", BR, cfg) for cfg in _FWD_TMA_FAMILIES[bucket]]
     return specs
 
 
