@@ -109,6 +109,17 @@ def _fwd_tma_hook(nargs):
     nargs["u_desc"].block_shape = [bm, br]
 
 
+def _dx_tma_hook(nargs):
+    bm, bn, bk, br = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"], nargs["BLOCK_R"]
+    nargs["dy_desc"].block_shape = [bm, bn]
+    nargs["w_desc"].block_shape = [bn, bk]
+    nargs["a_desc"].block_shape = [br, bk]
+    nargs["b_desc"].block_shape = [bn, br]
+    nargs["dx_desc"].block_shape = [bm, bk // 2]  # SUBTILE
+    nargs["dxl_desc"].block_shape = [bm, bk // 2]
+    nargs["g_desc"].block_shape = [bm, br]
+
+
 def _tma_cfg(bm, bn, bk, warps, stages, hook):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
                          num_stages=stages, pre_hook=hook)
@@ -124,6 +135,15 @@ _FWD_TMA_FAMILIES = {
     128: [_tma_cfg(64, 128, 32, 4, 3, _fwd_tma_hook)],
 }
 _INTERP_FWD_TMA = _tma_cfg(16, 32, 32, 1, 1, _fwd_tma_hook)
+# dx: output tile (BLOCK_M, BLOCK_K), reduction over N in BLOCK_N chunks
+_DX_TMA_FAMILIES = {
+    32: [_tma_cfg(128, 64, 128, 8, 2, _dx_tma_hook), _tma_cfg(128, 32, 128, 8, 4, _dx_tma_hook),
+         _tma_cfg(64, 64, 128, 4, 3, _dx_tma_hook)],
+    64: [_tma_cfg(128, 64, 128, 8, 2, _dx_tma_hook), _tma_cfg(128, 32, 128, 8, 4, _dx_tma_hook),
+         _tma_cfg(64, 64, 128, 4, 3, _dx_tma_hook)],
+    128: [_tma_cfg(64, 32, 128, 4, 3, _dx_tma_hook)],
+}
+_INTERP_DX_TMA = _tma_cfg(16, 32, 32, 1, 1, _dx_tma_hook)
 # persistent grids: this many programs per SM (the configs above fit two CTAs per SM)
 PERSISTENT_CTAS_PER_SM = 2
 
@@ -452,14 +472,19 @@ def _fwd_epilogue_tma(acc, u, m0, n0, scale, inv_scale, b_desc, bias_ptr, y_desc
     if HAS_BIAS:
         rn = n0 + tl.arange(0, BLOCK_N)
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    if SUBTILE:  # store the tile as two (BLOCK_M, BLOCK_N / 2) halves: half the staging shared memory
-        acc = tl.reshape(acc, (acc.shape[0], 2, BLOCK_N // 2))
-        acc = tl.permute(acc, (0, 2, 1))
-        lo, hi = tl.split(acc)
-        y_desc.store([m0, n0], lo.to(y_desc.dtype))
-        y_desc.store([m0, n0 + BLOCK_N // 2], hi.to(y_desc.dtype))
+    _store_tile(y_desc, m0, n0, acc, BLOCK_N, SUBTILE)
+
+
+@triton.jit
+def _store_tile(desc, m0, n0, acc, BLOCK_N: tl.constexpr, SUBTILE: tl.constexpr):
+    """TMA store of an fp32 tile rounded to the descriptor's dtype; SUBTILE: as two (rows, BLOCK_N / 2)
+    halves (the descriptor's block shape), which halves the shared memory that stages the store."""
+    if SUBTILE:
+        lo, hi = tl.split(tl.permute(tl.reshape(acc, (acc.shape[0], 2, BLOCK_N // 2)), (0, 2, 1)))
+        desc.store([m0, n0], lo.to(desc.dtype))
+        desc.store([m0, n0 + BLOCK_N // 2], hi.to(desc.dtype))
     else:
-        y_desc.store([m0, n0], acc.to(y_desc.dtype))
+        desc.store([m0, n0], acc.to(desc.dtype))
 
 
 @triton.jit
@@ -497,6 +522,86 @@ def _lora_fwd_tma_kernel(
                               HAS_BIAS, UPCAST, BLOCK_N, SUBTILE)
 
 
+@triton.jit
+def _dx_mainloop_tma(
+    dy_desc, w_desc, b_desc, m0, k0, N,
+    BASE: tl.constexpr, SHRINK: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """N loop of one dx tile from descriptor loads: ``dy W`` (BASE) and ``dy B`` (SHRINK)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        dyt = dy_desc.load([m0, n0])
+        if UPCAST:
+            dyt = dyt.to(tl.float32)
+        if SHRINK:
+            bt = b_desc.load([n0, 0])  # B tile (BLOCK_N, BLOCK_R); rank columns past R are zero-filled
+            if UPCAST:
+                bt = bt.to(tl.float32)
+            acc_g = tl.dot(dyt, bt, acc_g)
+        if BASE:
+            wt = w_desc.load([n0, k0])  # W tile (BLOCK_N, BLOCK_K)
+            if UPCAST:
+                wt = wt.to(tl.float32)
+            acc = tl.dot(dyt, wt, acc)
+    return acc, acc_g
+
+
+@triton.jit
+def _dx_epilogue_tma(acc, g, m0, k0, a_desc, dx_desc, dxl_desc,
+                     DX_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, SUBTILE: tl.constexpr):
+    """dx tile = acc + g A (mode 1, accumulated into acc) or acc and g A stored apart (mode 2), by TMA."""
+    at = a_desc.load([0, k0])  # A tile (BLOCK_R, BLOCK_K); ranks past R are zero-filled
+    if UPCAST:
+        at = at.to(tl.float32)
+        g = g.to(tl.float32)
+    if DX_MODE == 1:
+        acc = tl.dot(g, at, acc)
+    else:
+        _store_tile(dxl_desc, m0, k0, tl.dot(g, at), BLOCK_K, SUBTILE)
+    _store_tile(dx_desc, m0, k0, acc, BLOCK_K, SUBTILE)
+
+
+@triton.jit
+def _lora_bwd_dx_tma_kernel(
+    dy_desc, w_desc, a_desc, b_desc, dx_desc, dxl_desc, g_desc, sel_ptr,
+    M, N, K, R, M_BUCKET, TILES_PER_PROG, scale,
+    DX_MODE: tl.constexpr, HAS_SEL: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, SUBTILE: tl.constexpr = True,
+):
+    """``_lora_bwd_dx_kernel`` with TMA loads and stores and a persistent grid (work item = a row block and
+    TILES_PER_PROG K tiles sharing one ``g = scale · dy B``)."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    if DX_MODE != 0:
+        num_k = tl.cdiv(K, BLOCK_K)
+        num_groups = tl.cdiv(num_k, TILES_PER_PROG)
+    else:
+        num_k = 1
+        num_groups = 1
+    for item in range(tl.program_id(0), num_m * num_groups, tl.num_programs(0)):
+        pid_m, pid_g = _grouped_pid(item, num_m, num_groups, GROUP_M)
+        m0 = pid_m * BLOCK_M
+        first = pid_g * TILES_PER_PROG
+        acc, acc_g = _dx_mainloop_tma(dy_desc, w_desc, b_desc, m0, first * BLOCK_K, N, DX_MODE != 0, True,
+                                      UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+        g = (acc_g * scale).to(g_desc.dtype)
+        if pid_g == 0:
+            g_desc.store([m0, 0], g)
+        if HAS_SEL:  # sel_ptr: (M,) bool; never dereferenced when HAS_SEL is off
+            rm = m0 + tl.arange(0, BLOCK_M)
+            g = g * tl.load(sel_ptr + rm, mask=rm < M, other=0).to(g.dtype)[:, None]
+        if DX_MODE != 0:
+            _dx_epilogue_tma(acc, g, m0, first * BLOCK_K, a_desc, dx_desc, dxl_desc, DX_MODE, UPCAST, BLOCK_K,
+                             SUBTILE)
+            for t in range(first + 1, tl.minimum(first + TILES_PER_PROG, num_k)):
+                acc, _ = _dx_mainloop_tma(dy_desc, w_desc, b_desc, m0, t * BLOCK_K, N, True, False,
+                                          UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+                _dx_epilogue_tma(acc, g, m0, t * BLOCK_K, a_desc, dx_desc, dxl_desc, DX_MODE, UPCAST, BLOCK_K,
+                                 SUBTILE)
+
+
 # ----------------------------------------------------------------------------------------------- autotuners
 # One autotuner per family over the same @triton.jit function (compiled binaries are shared per config).
 _FWD = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_FWD), key=["N", "K", "BLOCK_R", "M_BUCKET"])(
@@ -507,6 +612,9 @@ _DX = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_DX),
 _FWD_TMA = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_FWD_TMA),
                                  key=["N", "K", "BLOCK_R", "M_BUCKET"])(_lora_fwd_tma_kernel)
             for fam, cfgs in _FWD_TMA_FAMILIES.items()}
+_DX_TMA = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_DX_TMA),
+                                key=["N", "K", "BLOCK_R", "M_BUCKET", "DX_MODE"])(_lora_bwd_dx_tma_kernel)
+           for fam, cfgs in _DX_TMA_FAMILIES.items()}
 _TN = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_TN), key=["P", "Q", "M_BUCKET"])(_matmul_tn_kernel)
        for fam, cfgs in _TN_FAMILIES.items()}
 
@@ -684,6 +792,9 @@ def bwd_dx(dy, weight, lora_a, lora_b, scale: float, dx_mode: int, selected=None
     if M > 0 and N == 0:  # empty reduction
         for t in (g, dx, dxl):
             t.zero_()
+    elif M > 0 and _use_tma(dy.dtype, dy.device, dy, weight, lora_a, lora_b, g, *((dx,) if dx_mode else ()),
+                            *((dxl,) if dx_mode == 2 else ()), scale=1.0):
+        _lora_bwd_dx_hopper(dy, weight, lora_a, lora_b, dx, dxl, g, selected, float(scale), dx_mode)
     elif M > 0:
         BR = _block_r(R)
         fam = _family(dy.dtype, BR)
@@ -705,6 +816,27 @@ def bwd_dx(dy, weight, lora_a, lora_b, scale: float, dx_mode: int, selected=None
             BLOCK_R=BR,
         )
     return _finish(dx, dy.dtype), _finish(dxl, dy.dtype), _finish(g, dy.dtype)
+
+
+def _lora_bwd_dx_hopper(dy, weight, lora_a, lora_b, dx, dxl, g, selected, scale, dx_mode):
+    """``bwd_dx`` by ``_lora_bwd_dx_tma_kernel``: persistent grid of ``2 × SMs`` programs at most."""
+    M, N = dy.shape
+    K, R = weight.shape[1], lora_a.shape[0]
+    BR = _block_r(R)
+    bucket = next(b for b in _RANK_BUCKETS if BR <= b)
+    first = _DX_TMA_FAMILIES[bucket][0].kwargs
+    tpp = _tiles_per_prog(M, K, first["BLOCK_M"], first["BLOCK_K"], dy.device) if dx_mode else 1
+    grid = lambda meta: (_persistent_grid(  # noqa: E731
+        triton.cdiv(M, meta["BLOCK_M"]) * (triton.cdiv(triton.cdiv(K, meta["BLOCK_K"]), tpp) if dx_mode else 1),
+        dy.device),)
+    # outputs not computed get descriptors of g (never dereferenced: DX_MODE removes their stores); each
+    # argument its own descriptor object, since the pre-hook sets every block shape
+    _DX_TMA[bucket][grid](
+        _desc(dy), _desc(weight), _desc(lora_a), _desc(lora_b), _desc(dx if dx_mode else g),
+        _desc(dxl if dx_mode == 2 else g), _desc(g), selected if selected is not None else g,
+        M, N, K, R, triton.next_power_of_2(M), tpp, scale,
+        DX_MODE=int(dx_mode), HAS_SEL=selected is not None, UPCAST=_upcast(dy.dtype), BLOCK_R=BR,
+    )
 
 
 def lora_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale: float, dx_mode: int):
@@ -788,6 +920,21 @@ def _fwd_tma_spec(ty, BR, cfg):
         dict(HAS_XL=False, HAS_BIAS=True, UPCAST=False, BLOCK_R=BR, PAD_R=False, **kw), cfg, ty)
 
 
+def _dx_tma_spec(ty, BR, cfg, has_sel=False):
+    kw = cfg.kwargs
+    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    spec = _tma_spec(
+        f"lora_bwd_dx_tma/{ty}/r{BR}/{bm}x{bn}x{bk}/w{cfg.num_warps}" + ("/sel" if has_sel else ""),
+        _lora_bwd_dx_tma_kernel,
+        {"dy_desc": (bm, bn), "w_desc": (bn, bk), "a_desc": (BR, bk), "b_desc": (bn, BR), "dx_desc": (bm, bk // 2),
+         "dxl_desc": (bm, bk // 2), "g_desc": (bm, BR)},
+        ["sel_ptr"], ["M", "N", "K", "R", "M_BUCKET", "TILES_PER_PROG"], [], [],
+        dict(DX_MODE=1, HAS_SEL=has_sel, UPCAST=False, BLOCK_R=BR, **kw), cfg, ty)
+    if has_sel:
+        spec.signature["sel_ptr"] = "*i1"
+    return spec
+
+
 def _aot_specs() -> list[AOTSpec]:
     """Every config of every family, as launched: 16-bit families as bf16 (fp16: the r<=32 family only,
     same code), fp32 families as fp32 with IEEE dots; the r<=32 bucket at both BLOCK_R=16 and 32."""
@@ -806,6 +953,8 @@ def _aot_specs() -> list[AOTSpec]:
     for bucket in _RANK_BUCKETS:  # Hopper variants (sm_90a only), bf16 (fp16 is the same code)
         for BR in ((16, 32) if bucket == 32 else (bucket,)):
             specs += [_fwd_tma_spec("bf16", BR, cfg) for cfg in _FWD_TMA_FAMILIES[bucket]]
+            specs += [_dx_tma_spec("bf16", BR, cfg) for cfg in _DX_TMA_FAMILIES[bucket]]
+            specs += [_dx_tma_spec("bf16", BR, cfg, has_sel=True) for cfg in _DX_TMA_FAMILIES[bucket][:1]]
     return specs
 
 
