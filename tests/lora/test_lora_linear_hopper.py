@@ -99,3 +99,21 @@ def test_use_tma_conditions():
     assert not tk._hopper(dev)
     assert tk._tma_ok(x) and not tk._tma_ok(x.t()) and not tk._tma_ok(torch.zeros(8, 3, dtype=torch.bfloat16))
     assert not tk._tma_ok(torch.zeros(0, 16, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_hopper_gated_lora_linear_matches_reference(dtype, monkeypatch, hopper):
+    # token-selective LoRA: the Hopper forward (h, u, row norms of h) and the Hopper dx with the selection
+    from pyfastpeft.testing import lora_inputs
+    from pyfastpeft.triton_kernels.lora import gated_lora_linear as gk
+    from tests.lora.test_gated_lora_linear import _check, _gap_tau, _run
+
+    real = gk._gated_base_hopper
+    monkeypatch.setattr(gk, "_gated_base_hopper", lambda *a, **k: (hopper.append("_gated_base_hopper"), real(*a, **k))[1])
+    M, K, N, R = 37, 64, 80, 8
+    d = lora_inputs(M, K, N, R, seed=11)
+    got, want, want_lo, (sel, _), (sel64, _) = _run(d, _gap_tau(d), "triton", dtype=dtype, gate_width=0.5)
+    assert torch.equal(sel, sel64), "selection differs from the fp64 reference"
+    assert 0 < int(sel.sum()) < M  # some rows selected, some not
+    _check(got, want, want_lo, M, K, N, R, dtype)
+    assert {"_gated_base_hopper", "_lora_bwd_dx_hopper"} <= set(hopper)
