@@ -47,7 +47,7 @@ from pyfastpeft.core.triton_config import AOTSpec, autotune_configs, interpretin
 # Declared FLOPs / unique HBM bytes per launch live in a Triton-free module (pfp.perf reads them without
 # importing Triton); tests/lora/test_lora_linear_cost.py checks them against the interpreter's loads/stores.
 from pyfastpeft.triton_kernels.lora._lora_linear_cost import (  # noqa: F401  (re-exported)
-    bwd_dx_cost, fwd_cost, tiles_per_prog, tn_cost)
+    bwd_dx_cost, fwd_cost, tiles_per_prog, tn_cost, tn_split)
 
 MAX_RANK = 128
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -387,20 +387,27 @@ def _lora_bwd_dx_kernel(
 
 @triton.jit
 def _matmul_tn_kernel(
-    p_ptr, q_ptr, c_ptr, sel_ptr, M, P, Q, M_BUCKET, alpha,
+    p_ptr, q_ptr, c_ptr, sel_ptr, M, P, Q, M_BUCKET, SPLIT, alpha,
     stride_pm, stride_pp, stride_qm, stride_qq, stride_cp, stride_cq,
     HAS_SEL: tl.constexpr,  # reduce over selected rows only: masked-off rows move no bytes
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """C (P, Q) = alpha · Pmatᵀ Qmat, with Pmat (M, P), Qmat (M, Q), reduced over M."""
+    """C (P, Q) = alpha · Pmatᵀ Qmat, with Pmat (M, P), Qmat (M, Q), reduced over M.
+
+    Split-M (grid axis 2, ``SPLIT > 1``): program ``s`` reduces rows ``[s·chunk, (s+1)·chunk)`` and writes its
+    fp32 partial, without alpha, to ``c_ptr + s·P·Q`` (a contiguous (SPLIT, P, Q) buffer); ``_tn_reduce_kernel``
+    sums the partials in order (deterministic) and applies alpha."""
     rp = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     rq = (tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
     p_ok, q_ok = rp < P, rq < Q
+    chunk = tl.cdiv(tl.cdiv(M, SPLIT), BLOCK_M) * BLOCK_M  # whole BLOCK_M tiles per slice
+    lo = tl.program_id(2) * chunk
+    hi = tl.minimum(lo + chunk, M)
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(lo, hi, BLOCK_M):
         rm = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        m_ok = rm < M
+        m_ok = rm < hi
         if HAS_SEL:  # sel_ptr: (M,) bool; never dereferenced when HAS_SEL is off
             m_ok = m_ok & (tl.load(sel_ptr + rm, mask=m_ok, other=0) != 0)
         pt = tl.load(p_ptr + rm[None, :] * stride_pm + rp[:, None] * stride_pp,  # Pᵀ tile (BLOCK_P, BLOCK_M)
@@ -410,8 +417,24 @@ def _matmul_tn_kernel(
         if UPCAST:
             pt, qt = pt.to(tl.float32), qt.to(tl.float32)
         acc = tl.dot(pt, qt, acc, input_precision=PRECISION)
-    tl.store(c_ptr + rp[:, None] * stride_cp + rq[None, :] * stride_cq, (acc * alpha).to(c_ptr.dtype.element_ty),
-             mask=p_ok[:, None] & q_ok[None, :])
+    mask = p_ok[:, None] & q_ok[None, :]
+    if SPLIT > 1:
+        part = c_ptr + tl.program_id(2).to(tl.int64) * P * Q
+        tl.store(part + rp[:, None] * Q + rq[None, :], acc, mask=mask)
+    else:
+        tl.store(c_ptr + rp[:, None] * stride_cp + rq[None, :] * stride_cq, (acc * alpha).to(c_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
+def _tn_reduce_kernel(part_ptr, c_ptr, n, SPLIT, alpha, BLOCK: tl.constexpr):
+    """c[i] = alpha · Σ_s part[s, i] for the ``n`` elements of a contiguous C, summed in order s = 0, 1, ..."""
+    i = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    ok = i < n
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLIT):
+        acc += tl.load(part_ptr + s * n + i, mask=ok, other=0.0)
+    tl.store(c_ptr + i, (acc * alpha).to(c_ptr.dtype.element_ty), mask=ok)
 
 
 # ------------------------------------------------------------------------------- Hopper (sm_90) variants
@@ -615,7 +638,7 @@ _FWD_TMA = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_FWD_TMA)
 _DX_TMA = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_DX_TMA),
                                 key=["N", "K", "BLOCK_R", "M_BUCKET", "DX_MODE"])(_lora_bwd_dx_tma_kernel)
            for fam, cfgs in _DX_TMA_FAMILIES.items()}
-_TN = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_TN), key=["P", "Q", "M_BUCKET"])(_matmul_tn_kernel)
+_TN = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_TN), key=["P", "Q", "M_BUCKET", "SPLIT"])(_matmul_tn_kernel)
        for fam, cfgs in _TN_FAMILIES.items()}
 
 
@@ -770,13 +793,33 @@ def matmul_tn(p, q, alpha: float, out_dtype=None, selected=None):
     c = empty_out((P, Q), like=p, dtype=_out_dtype(dtype))
     if M == 0:
         return _finish(c.zero_(), dtype)
-    grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(Q, meta["BLOCK_Q"]))  # noqa: E731
-    _TN[_dtype_class(p.dtype)][grid](
-        p, q, c, selected if selected is not None else p, M, P, Q, triton.next_power_of_2(M), float(alpha),
+    cls = _dtype_class(p.dtype)
+    split = _tn_split(M, P, Q, cls, p.device)
+    # split > 1: fp32 partials (split, P, Q), summed in order by _tn_reduce_kernel
+    out = c if split == 1 else torch.empty((split, P, Q), dtype=torch.float32, device=p.device)
+    grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(Q, meta["BLOCK_Q"]), split)  # noqa: E731
+    _TN[cls][grid](
+        p, q, out, selected if selected is not None else p, M, P, Q, triton.next_power_of_2(M), split, float(alpha),
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), c.stride(0), c.stride(1),
         HAS_SEL=selected is not None, UPCAST=_upcast(p.dtype), PRECISION=_precision(p.dtype),
     )
+    if split > 1:
+        n = P * Q
+        _tn_reduce_kernel[(triton.cdiv(n, _TN_REDUCE_BLOCK),)](out, c, n, split, float(alpha),
+                                                              BLOCK=_TN_REDUCE_BLOCK, num_warps=4)
     return _finish(c, dtype)
+
+
+_TN_REDUCE_BLOCK = 1024
+
+
+def _tn_split(M: int, P: int, Q: int, cls: str, device: torch.device) -> int:
+    """Split-M slices of ``matmul_tn`` (``tn_split``: the grid fills every SM); the interpreter splits any
+    reduction longer than one BLOCK_M in two, so tests run the partials and their reduction."""
+    if interpreting():
+        return 2 if M > _INTERP_TN.kwargs["BLOCK_M"] else 1
+    first = _TN_FAMILIES[cls][0].kwargs
+    return tn_split(M, P, Q, first["BLOCK_P"], first["BLOCK_Q"], _sm_count(device))
 
 
 def bwd_dx(dy, weight, lora_a, lora_b, scale: float, dx_mode: int, selected=None):
@@ -856,7 +899,7 @@ def _spec(name, kernel, ptrs, ints, strides, unit, cx, cfg, ty):
     sig.update({n: "fp32" for n in ("scale", "inv_scale", "alpha") if n in kernel.arg_names})
     sig.update({n: "constexpr" for n in cx})
     consts = dict(cx, **{n: 1 for n in unit})
-    div16 = [n for n in ints + strides if n not in unit and n not in ("M", "R", "P", "TILES_PER_PROG")]
+    div16 = [n for n in ints + strides if n not in unit and n not in ("M", "R", "P", "TILES_PER_PROG", "SPLIT")]
     return AOTSpec(name, kernel, sig, consts, cfg.num_warps, cfg.num_stages, meta={"divisible_by_16": div16})
 
 
@@ -887,15 +930,21 @@ def _dx_spec(ty, prec, BR, cfg, has_sel=False):
     return spec
 
 
-def _tn_spec(ty, prec, cfg, has_sel=False):
+def _tn_spec(ty, prec, cfg, has_sel=False, split=True):
+    """``split``: the split-M kernel (SPLIT > 1 at launch: fp32 partials); else SPLIT = 1, which the JIT
+    compiles as a constant (one slice, alpha and rounding in the kernel)."""
     kw = cfg.kwargs
     spec = _spec(
-        f"matmul_tn/{ty}/{kw['BLOCK_P']}x{kw['BLOCK_Q']}x{kw['BLOCK_M']}" + ("/sel" if has_sel else ""),
-        _matmul_tn_kernel, ["p_ptr", "q_ptr", "c_ptr", "sel_ptr"], ["M", "P", "Q", "M_BUCKET"],
+        f"matmul_tn/{ty}/{kw['BLOCK_P']}x{kw['BLOCK_Q']}x{kw['BLOCK_M']}" + ("/sel" if has_sel else "")
+        + ("" if split else "/nosplit"),
+        _matmul_tn_kernel, ["p_ptr", "q_ptr", "c_ptr", "sel_ptr"], ["M", "P", "Q", "M_BUCKET", "SPLIT"],
         ["stride_pm", "stride_pp", "stride_qm", "stride_qq", "stride_cp", "stride_cq"],
-        ["stride_pp", "stride_qq", "stride_cq"], dict(HAS_SEL=has_sel, UPCAST=False, PRECISION=prec, **kw), cfg, ty)
+        ["stride_pp", "stride_qq", "stride_cq"] + ([] if split else ["SPLIT"]),
+        dict(HAS_SEL=has_sel, UPCAST=False, PRECISION=prec, **kw), cfg, ty)
     if has_sel:
         spec.signature["sel_ptr"] = "*i1"
+    if split:
+        spec.signature["c_ptr"] = "*fp32"  # the partials
     return spec
 
 
@@ -948,6 +997,10 @@ def _aot_specs() -> list[AOTSpec]:
                 if ty != "fp16":  # token-selective LoRA's variant (selected rows only in the g A term)
                     specs += [_dx_spec(ty, prec, BR, cfg, has_sel=True) for cfg in _DX_FAMILIES[cls, bucket]]
         specs += [_tn_spec(ty, prec, cfg) for cfg in _TN_FAMILIES[cls]]
+        specs += [_tn_spec(ty, prec, _TN_FAMILIES[cls][0], split=False)]
+        specs.append(_spec(f"tn_reduce/{ty}/{_TN_REDUCE_BLOCK}", _tn_reduce_kernel, ["c_ptr"], ["n", "SPLIT"], [], [],
+                           dict(BLOCK=_TN_REDUCE_BLOCK), triton.Config({}, num_warps=4, num_stages=1), ty))
+        specs[-1].signature["part_ptr"] = "*fp32"
         if ty != "fp16":  # token-selective LoRA's dA / dB over selected rows
             specs += [_tn_spec(ty, prec, cfg, has_sel=True) for cfg in _TN_FAMILIES[cls]]
     for bucket in _RANK_BUCKETS:  # Hopper variants (sm_90a only), bf16 (fp16 is the same code)
