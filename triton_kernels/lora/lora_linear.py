@@ -89,7 +89,8 @@ _DX_FAMILIES = {
 _TN_FAMILIES = {
     "16": [_tn_cfg(128, 64, 64, 4, 3), _tn_cfg(64, 128, 64, 4, 3), _tn_cfg(64, 64, 64, 4, 3),
            _tn_cfg(128, 128, 32, 8, 3)],
-    "fp32": [_tn_cfg(128, 128, 16, 8, 3), _tn_cfg(64, 128, 32, 8, 3), _tn_cfg(32, 64, 32, 4, 3)],
+    # (64, 128, 32, 8 warps) left out: with the split-M slice bounds it spills 8-24 bytes (compile report)
+    "fp32": [_tn_cfg(128, 128, 16, 8, 3), _tn_cfg(32, 64, 32, 4, 3)],
 }
 # The interpreter runs one small config per family (autotune_configs).
 _INTERP_FWD = _cfg(16, 32, 32, 1, 1)
