@@ -6,6 +6,8 @@ Maths: ``docs/token_selective.md``. 2-D ``x (M, K)``, ``W (N, K)``, ``A (R, K)``
   same x tiles, ``TILES_PER_PROG`` N tiles per program sharing one shrink), but its epilogue writes
   ``y = h + bias`` and the partial row sums of ``h²`` of its tiles (``hsq (G, M)`` fp32, one row per program
   group): the norms of the frozen output come out of the base GEMM, and ``h`` is never re-read.
+  On sm_90 (fp16/bf16, descriptor-addressable tensors) ``_gated_fwd_tma_kernel`` does the same with the LoRA
+  forward's TMA main loop and a persistent grid (``lora_linear._use_tma``).
 * ``_gate_kernel`` (row blocks): ``‖m_i‖² = s² u_iᵀ (BᵀB) u_i`` from ``u`` and the ``R x R`` Gram of B,
   ``r_i = ‖m_i‖ / max(‖h_i‖, ε)``, ``S_i = r_i ≥ max(τ, 0)``; then ``_compact_kernel`` (one program, one
   byte per row) writes the stable compaction of the selected row indices (in-block prefix sums plus a

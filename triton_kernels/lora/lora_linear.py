@@ -18,6 +18,12 @@ Maths (PEFT's LoRA, ``scale = alpha / r`` or ``alpha / sqrt(r)``), 2-D ``x (M, K
   As in forward, a program owns ``TILES_PER_PROG`` K tiles and computes ``g`` for the first only;
   programs of the first group store ``g`` for the weight gradients.
 * ``_matmul_tn_kernel``: ``C = alpha · Pᵀ Q`` reduced over M, for ``dA = gᵀ x_lora`` and ``dB = scale · dyᵀ u``.
+  These have few output tiles (r x K, N x r), so the reduction is split over M (grid axis 2, ``tn_split``:
+  the grid gives every SM a program); each slice writes an fp32 partial and ``_tn_reduce_kernel`` sums them
+  in order (deterministic) with alpha.
+* Hopper (sm_90, fp16/bf16): ``_lora_fwd_tma_kernel`` and ``_lora_bwd_dx_tma_kernel`` are the same maths with
+  TMA tensor-descriptor loads and stores and a persistent grid (see the section "Hopper (sm_90) variants");
+  ``_use_tma`` picks them at launch from the device capability and the tensors' alignment.
 
 Layouts: any strides (2-D views are fine). Accumulation is fp32; outputs are rounded once to the input
 dtype; ``u`` and ``g`` are rounded to the input dtype before their second GEMM (as PyTorch does).
@@ -721,7 +727,7 @@ def _desc(t: torch.Tensor):
     """A host TensorDescriptor of ``t``; its block shape is set per config by the autotuner's pre-hook."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1])
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])  # placeholder: the hook sets it
 
 
 def _persistent_grid(items: int, device: torch.device) -> int:
