@@ -19,6 +19,14 @@ that, without a device:
   shared memory, so "ptxas smem" is usually 0 and "triton shared" is the number that decides occupancy
   and whether the launch fits at all (checked here against each architecture's per-block limit).
 
+It also judges the kernel that runs, per row: ``wgmma`` (count of Hopper warpgroup MMAs: ``HGMMA`` in the
+SASS, which the ``cuobjdump`` bundled with Triton disassembles from the cubin; without a cuobjdump,
+``wgmma.mma_async`` in the PTX, and ``counts_from`` says ``"ptx"``), ``tma`` (TMA tile loads: ``UTMALDG`` in
+the SASS, ``cp.async.bulk.tensor`` global-to-shared in the PTX), ``hmma`` (Ampere ``mma.sync``), ``smem``
+(bytes per block: Triton's dynamic plus ptxas's static) and ``ctas_per_sm``, the blocks one SM holds at once
+given registers (allocated per warp in units of 256), shared memory (plus 1 KiB reserved per block),
+threads and the block limit (:data:`SM_LIMITS`); ``occupancy_limit`` names the binding one.
+
 Run it as ``pyfastpeft compile-report`` (or ``python -m pyfastpeft.tools.compile_report``). Target (see
 docs/performance.md, section 1 item 3): zero spilled bytes in every shipped config; ``--fail-on-spill``
 turns spills into a non-zero exit code. A failed compile always does.
@@ -30,7 +38,8 @@ module in a subprocess with the variable removed and returns that subprocess's r
 Recognised ``AOTSpec.meta`` keys (all optional): ``"options"``: extra ``triton.compile`` options (e.g.
 ``{"maxnreg": 128}``); ``"aligned"``: assume 16-byte-aligned pointer arguments, as a real launch with
 ordinary torch tensors does (default ``True``); ``"divisible_by_16"``: names of integer arguments to
-specialise as multiples of 16 (as the JIT does for such values, e.g. strides and ``K``).
+specialise as multiples of 16 (as the JIT does for such values, e.g. strides and ``K``); ``"archs"``: compile
+only for these architectures (a Hopper-only kernel lists ``("sm_90a",)``).
 
 Fidelity: at launch the JIT specialises pointers that are 16-byte aligned, integers that are multiples of
 16, and integers equal to 1 (compiled as the constant 1). A spec reproduces the launched code only if it
@@ -67,6 +76,19 @@ DEFAULT_ARCHS = ("sm_80", "sm_90a")
 # Maximum dynamic shared memory one block may opt into, in bytes (CUDA programming guide, "Technical
 # Specifications per Compute Capability"). A Triton kernel asking for more fails at launch.
 SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+
+# Per-SM resources that bound how many CTAs of one kernel are resident at once (CUDA programming guide,
+# "Technical Specifications per Compute Capability", and the occupancy calculator's allocation rules):
+# ``regs``: 32-bit registers per SM; ``threads``: resident threads per SM; ``ctas``: resident blocks per SM;
+# ``smem``: shared memory per SM in bytes (A100: 164 KiB, H100/H200: 228 KiB), of which the driver reserves
+# ``smem_reserved`` bytes per resident block; ``reg_unit``: registers are allocated per warp in units of this
+# many (so a thread's count is rounded up to a multiple of reg_unit / 32).
+SM_LIMITS = {
+    80: dict(regs=65536, threads=2048, ctas=32, smem=164 * 1024, smem_reserved=1024, reg_unit=256),
+    86: dict(regs=65536, threads=1536, ctas=16, smem=100 * 1024, smem_reserved=1024, reg_unit=256),
+    89: dict(regs=65536, threads=1536, ctas=24, smem=100 * 1024, smem_reserved=1024, reg_unit=256),
+    90: dict(regs=65536, threads=2048, ctas=32, smem=228 * 1024, smem_reserved=1024, reg_unit=256),
+}
 
 _TRUE = {"1", "true", "on", "yes", "y"}
 
@@ -346,12 +368,106 @@ def _ptxas_version(ptxas: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
+# what the kernel really does: instruction counts and occupancy
+
+# SASS opcodes counted per static instruction (``cuobjdump -sass`` of the cubin): HGMMA is Hopper's
+# warpgroup MMA (PTX ``wgmma.mma_async``), HMMA the Ampere-style ``mma.sync``, UTMALDG a TMA tile load
+# (PTX ``cp.async.bulk.tensor`` global -> shared), UTMASTG a TMA store, LDGSTS Ampere's ``cp.async``.
+_SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "UTMASTG", "LDGSTS")
+_SASS_RX = {op: re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?" + op + r"\b", re.M) for op in _SASS_OPS}
+_PTX_RX = {
+    "wgmma": re.compile(r"^\s*(?:@!?%p\d+\s+)?wgmma\.mma_async\b", re.M),
+    "mma": re.compile(r"^\s*(?:@!?%p\d+\s+)?mma\.sync\b", re.M),
+    # global -> shared tensor copies only (a TMA store is cp.async.bulk.tensor.<n>d.global.shared::cta)
+    "tma": re.compile(r"^\s*(?:@!?%p\d+\s+)?cp\.async\.bulk\.tensor\.\w+\.shared::(?:cta|cluster)\.global\b", re.M),
+    "tma_store": re.compile(r"^\s*(?:@!?%p\d+\s+)?cp\.async\.bulk\.tensor\.\w+\.global\.shared::(?:cta|cluster)\b",
+                            re.M),
+}
+
+
+def count_sass(sass: str) -> dict:
+    """Static instruction counts of ``_SASS_OPS`` in ``cuobjdump -sass`` text (predicated ones included)."""
+    return {op.lower(): len(rx.findall(sass)) for op, rx in _SASS_RX.items()}
+
+
+def count_ptx(ptx: str) -> dict:
+    """Static counts in PTX: ``wgmma`` (wgmma.mma_async), ``mma`` (mma.sync), ``tma`` (cp.async.bulk.tensor
+    loads) and ``tma_store``."""
+    return {k: len(rx.findall(ptx)) for k, rx in _PTX_RX.items()}
+
+
+def _cuobjdump_path() -> Optional[str]:
+    """``cuobjdump`` next to the ptxas Triton uses, else on PATH; None if there is none."""
+    try:
+        cand = Path(_ptxas_path(90)).with_name("cuobjdump")
+        if cand.is_file():
+            return str(cand)
+    except CompileReportError:
+        pass
+    return shutil.which("cuobjdump")
+
+
+def disassemble(cubin: bytes, tool: Optional[str] = None) -> Optional[str]:
+    """SASS text of a cubin via ``cuobjdump -sass``; None when no cuobjdump is available or it fails."""
+    tool = tool or _cuobjdump_path()
+    if not tool or not cubin:
+        return None
+    with tempfile.TemporaryDirectory(prefix="pyfastpeft-sass-") as d:
+        path = os.path.join(d, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        proc = subprocess.run([tool, "-sass", path], capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 and proc.stdout else None
+
+
+def ctas_per_sm(cap: int, registers: Optional[int], num_warps: int, smem: int) -> tuple[Optional[int], str]:
+    """Resident CTAs per SM of one kernel and what limits them (``"regs"``, ``"smem"``, ``"threads"``,
+    ``"ctas"``): registers rounded up per warp to the allocation unit, ``smem`` bytes (dynamic + static) plus the
+    driver's per-block reservation, threads, and the block limit. ``(None, "")`` for an unknown arch."""
+    lim = SM_LIMITS.get(cap) or SM_LIMITS.get(max((c for c in SM_LIMITS if c <= cap), default=-1))
+    if lim is None or registers is None or num_warps <= 0:
+        return None, ""
+    unit = lim["reg_unit"]
+    per_warp = -(-registers * 32 // unit) * unit
+    bounds = {
+        "regs": lim["regs"] // (per_warp * num_warps),
+        "threads": lim["threads"] // (32 * num_warps),
+        "ctas": lim["ctas"],
+        "smem": lim["smem"] // (smem + lim["smem_reserved"]),
+    }
+    limiter = min(bounds, key=lambda k: (bounds[k], ("regs", "smem", "threads", "ctas").index(k)))
+    return bounds[limiter], limiter
+
+
+# ----------------------------------------------------------------------------------------------------
 # compile one spec
 
 
 def _dtypes_of(signature: dict) -> str:
     ptr = sorted({t[1:] for t in signature.values() if isinstance(t, str) and t.startswith("*")})
     return ",".join(ptr)
+
+
+def _judge(k, cap: int, row: dict) -> dict:
+    """What the compiled kernel does: wgmma / TMA / mma.sync counts (from the SASS when cuobjdump can read
+    the cubin, else from the PTX: ``counts_from`` says which), shared memory, CTAs per SM and its limiter."""
+    ptx = count_ptx(k.asm.get("ptx", "") if hasattr(k.asm, "get") else k.asm["ptx"])
+    out = {"ptx_wgmma": ptx["wgmma"], "ptx_tma": ptx["tma"], "ptx_tma_store": ptx["tma_store"]}
+    sass = None
+    try:
+        sass = disassemble(k.asm["cubin"])
+    except Exception:  # noqa: BLE001 - no cubin / no tool: fall back to the PTX counts
+        sass = None
+    if sass:
+        c = count_sass(sass)
+        out.update(wgmma=c["hgmma"], tma=c["utmaldg"], hmma=c["hmma"], counts_from="sass")
+    else:
+        out.update(wgmma=ptx["wgmma"], tma=ptx["tma"], hmma=ptx["mma"], counts_from="ptx")
+    smem = int(row.get("triton_shared") or 0) + int(row.get("ptxas_smem") or 0)
+    warps = int(_metadata_get(k.metadata, "num_warps", 0) or row.get("num_warps") or 0)
+    ctas, limiter = ctas_per_sm(cap, row.get("registers"), warps, smem)
+    out.update(smem=smem, ctas_per_sm=ctas, occupancy_limit=limiter or None)
+    return out
 
 
 def compile_spec(spec, arch: str, module: str = "") -> dict:
@@ -373,6 +489,13 @@ def compile_spec(spec, arch: str, module: str = "") -> dict:
         "triton_shared": None,
         "smem_limit": SMEM_LIMIT.get(cap),
         "barriers": None,
+        "smem": None,
+        "wgmma": None,
+        "tma": None,
+        "hmma": None,
+        "counts_from": None,
+        "ctas_per_sm": None,
+        "occupancy_limit": None,
         "compile_s": None,
         "ptxas_notes": [],
         "ok": False,
@@ -397,6 +520,7 @@ def compile_spec(spec, arch: str, module: str = "") -> dict:
         row["triton_shared"] = int(_metadata_get(k.metadata, "shared", 0) or 0)
         stats, _ = run_ptxas(k.asm["ptx"], arch_name)
         row.update(stats)
+        row.update(_judge(k, cap, row))
         problems = []
         limit = row["smem_limit"]
         total_smem = row["triton_shared"] + (row["ptxas_smem"] or 0)
@@ -465,7 +589,9 @@ def _error_row(module: str, spec: str, error: str) -> dict:
     return {"module": module, "spec": spec, "kernel": None, "arch": "-", "num_warps": None,
             "num_stages": None, "dtypes": "", "registers": None, "spill_stores": None, "spill_loads": None,
             "stack_frame": None, "ptxas_smem": None, "triton_shared": None, "smem_limit": None,
-            "barriers": None, "compile_s": None, "ptxas_notes": [], "ok": False, "error": error}
+            "barriers": None, "smem": None, "wgmma": None, "tma": None, "hmma": None, "counts_from": None,
+            "ctas_per_sm": None, "occupancy_limit": None, "compile_s": None, "ptxas_notes": [], "ok": False,
+            "error": error}
 
 
 def has_spill(row: dict) -> bool:
@@ -482,6 +608,9 @@ _COLUMNS = [  # header, key, align
     ("spill ld", "spill_loads", ">"),
     ("ptxas smem", "ptxas_smem", ">"),
     ("triton shared", "triton_shared", ">"),
+    ("wgmma", "wgmma", ">"),
+    ("tma", "tma", ">"),
+    ("CTAs/SM", "ctas_per_sm", ">"),
     ("compile s", "compile_s", ">"),
     ("status", "status", "<"),
 ]
@@ -489,7 +618,10 @@ _COLUMNS = [  # header, key, align
 
 def format_table(rows: Sequence[dict]) -> str:
     """Plain-text table; ``ptxas smem`` is static shared memory from ``ptxas -v``, ``triton shared`` the
-    dynamic shared memory Triton requests at launch (``metadata.shared``)."""
+    dynamic shared memory Triton requests at launch (``metadata.shared``). ``HGMMA`` / ``UTMALDG`` count
+    Hopper warpgroup MMAs and TMA tile loads in the SASS (headers ``wgmma (PTX)`` / ``tma (PTX)`` when they
+    were counted in the PTX because no cuobjdump was found); ``CTAs/SM`` is the resident blocks per SM
+    from registers, shared memory and threads, with the resource that limits it."""
 
     def status(r):
         if not r.get("ok"):
@@ -509,7 +641,24 @@ def format_table(rows: Sequence[dict]) -> str:
             return f"{v:.2f}"
         return str(v)
 
-    lines = [table([h for h, _, _ in _COLUMNS], [[cell(r, k) for _, k, _ in _COLUMNS] for r in rows],
+    def header(h, key):
+        # say where the instruction counts come from: the SASS (HGMMA, UTMALDG) or, without cuobjdump, the PTX
+        srcs = {r.get("counts_from") for r in rows if r.get("counts_from")}
+        if key == "wgmma":
+            return "HGMMA" if srcs == {"sass"} else "wgmma (PTX)" if srcs == {"ptx"} else "wgmma"
+        if key == "tma":
+            return "UTMALDG" if srcs == {"sass"} else "tma (PTX)" if srcs == {"ptx"} else "tma"
+        return h
+
+    def cell_(r, key):
+        if key == "ctas_per_sm" and r.get("ctas_per_sm") is not None and r.get("occupancy_limit"):
+            return f"{r['ctas_per_sm']} ({r['occupancy_limit']})"
+        if key in ("wgmma", "tma") and r.get("counts_from") and len({x.get("counts_from") for x in rows
+                                                                     if x.get("counts_from")}) > 1:
+            return f"{r[key]} {r['counts_from']}"
+        return cell(r, key)
+
+    lines = [table([header(h, k) for h, k, _ in _COLUMNS], [[cell_(r, k) for _, k, _ in _COLUMNS] for r in rows],
                    align=[a for _, _, a in _COLUMNS])]
     details = []
     for r in rows:
@@ -647,10 +796,10 @@ def run(modules=None, archs: Sequence[str] = DEFAULT_ARCHS, json_path=None, fail
     pairs = indexed
     if spec_filter:
         pairs = [(m, i, s) for m, i, s in pairs if spec_filter in getattr(s, "name", "")]
-    total = len(pairs) * len(archs)
+    total = sum(_spec_wants(s, a) for (_, _, s) in pairs for a in archs)
     log(f"compile report: triton {versions.get('triton')}, ptxas {versions.get('ptxas', '?')}, "
         f"{len(pairs)} spec(s) x {len(archs)} arch(s)")
-    tasks = [(m, i, s, a) for (m, i, s) in pairs for a in archs]
+    tasks = [(m, i, s, a) for (m, i, s) in pairs for a in archs if _spec_wants(s, a)]
     done = 0
 
     def progress(row):
@@ -658,7 +807,8 @@ def run(modules=None, archs: Sequence[str] = DEFAULT_ARCHS, json_path=None, fail
         done += 1
         state = "ok" if row["ok"] else "FAIL"
         log(f"[{done}/{total}] {row['spec']} {row['arch']}: {state}, regs {row['registers']}, "
-            f"spills {row['spill_stores']}/{row['spill_loads']}, {row['compile_s']:.2f} s")
+            f"spills {row['spill_stores']}/{row['spill_loads']}, wgmma {row.get('wgmma')}, tma {row.get('tma')}, "
+            f"CTAs/SM {row.get('ctas_per_sm')}, {row['compile_s']:.2f} s")
 
     jobs = (os.cpu_count() or 1) if not jobs or jobs < 1 else int(jobs)
     if jobs == 1 or len(tasks) < 2:
@@ -679,6 +829,12 @@ def run(modules=None, archs: Sequence[str] = DEFAULT_ARCHS, json_path=None, fail
     if json_path:
         _write_json(json_path, rows, versions)
     return rows
+
+
+def _spec_wants(spec, arch: str) -> bool:
+    """``meta["archs"]`` limits a spec to some architectures (a Hopper-only kernel: TMA, wgmma)."""
+    only = (getattr(spec, "meta", None) or {}).get("archs")
+    return not only or _parse_arch(arch)[1] in {_parse_arch(a)[1] for a in only}
 
 
 def exit_code(rows: Sequence[dict], fail_on_spill: bool = False) -> int:

@@ -55,7 +55,40 @@ def test_matmul_tn_declared_bytes(M, P, Q):
     with trace_memory() as tr:
         c_out = tk.matmul_tn(p, q, 1.5)
     torch.testing.assert_close(c_out, 1.5 * p.T @ q, rtol=1e-5, atol=1e-5)
-    c = tk.tn_cost(M, P, Q, 4)
+    c = tk.tn_cost(M, P, Q, 4, split=tk._tn_split(M, P, Q, "fp32", p.device))
+    assert (tr.loaded_bytes, tr.stored_bytes) == (c["read"], c["write"])
+
+
+def test_tn_split_policy():
+    from pyfastpeft.triton_kernels.lora import lora_linear as tk
+    from pyfastpeft.triton_kernels.lora._lora_linear_cost import tn_cost, tn_split
+
+    # Llama-3-8B on an H100 (132 SMs), 128 x 64 tiles: dA (r=16, K=4096) has 64 tiles, dB (N=4096, r=16) 32;
+    # split over M so that every SM gets a program
+    assert tn_split(8192, 16, 4096) == 3 and 64 * 3 >= 132
+    assert tn_split(8192, 4096, 16) == 5 and 32 * 5 >= 132
+    assert tn_split(8192, 4096, 4096) == 1  # enough tiles already
+    assert tn_split(300, 16, 4096) == 1  # too few rows to split
+    c1, c3 = tn_cost(8192, 16, 4096, 2, split=1), tn_cost(8192, 16, 4096, 2, split=3)
+    assert c3["read"] - c1["read"] == c3["write"] - c1["write"] == 3 * 16 * 4096 * 4  # the fp32 partials
+    assert tn_cost(8192, 16, 4096, 2) == c3  # the default is the H100 policy
+    # the interpreter splits every reduction longer than one BLOCK_M in two (so tests run the partials)
+    assert tk._tn_split(37, 3, 120, "fp32", torch.device("cpu")) == 2
+    assert tk._tn_split(20, 3, 120, "fp32", torch.device("cpu")) == 1
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 5])
+def test_matmul_tn_split_sums_in_order(split, monkeypatch):
+    # any split gives the same result (within fp32 summation error) and the declared bytes
+    from pyfastpeft.triton_kernels.lora import lora_linear as tk
+
+    monkeypatch.setattr(tk, "_tn_split", lambda *a: split)
+    M, P, Q = 70, 17, 40
+    p, q = torch.randn(M, P), torch.randn(M, Q)
+    with trace_memory() as tr:
+        c_out = tk.matmul_tn(p, q, 0.75)
+    torch.testing.assert_close(c_out, 0.75 * (p.double().T @ q.double()).float(), rtol=1e-5, atol=1e-5)
+    c = tk.tn_cost(M, P, Q, 4, split=split)
     assert (tr.loaded_bytes, tr.stored_bytes) == (c["read"], c["write"])
 
 
@@ -86,7 +119,7 @@ def test_matmul_tn_selected_rows_only(frac):
     with trace_memory() as tr:
         c_out = tk.matmul_tn(p, q, 2.0, selected=sel)
     torch.testing.assert_close(c_out, 2.0 * p[sel].T @ q[sel], rtol=1e-5, atol=1e-5)
-    c = tk.tn_cost(M, P, Q, 4, selected=int(sel.sum()))
+    c = tk.tn_cost(M, P, Q, 4, selected=int(sel.sum()), split=tk._tn_split(M, P, Q, "fp32", p.device))
     assert (tr.loaded_bytes, tr.stored_bytes) == (c["read"], c["write"])
 
 

@@ -58,11 +58,34 @@ def bwd_dx_cost(M: int, N: int, K: int, R: int, itemsize: int, *, dx_mode: int, 
     return dict(flops=flops, read=read * itemsize + (M if has_sel else 0), write=write * itemsize)
 
 
-def tn_cost(M: int, P: int, Q: int, itemsize: int, selected: int | None = None):
+MIN_ROWS_PER_SPLIT = 256
+
+
+def tn_split(M: int, P: int, Q: int, block_p: int = 128, block_q: int = 64, sms: int = H100_SMS) -> int:
+    """How many slices of M the reduction ``Pmatᵀ Qmat`` is split into so that its grid fills every SM.
+
+    dA = gᵀ x (P = R) and dB = dyᵀ u (Q = R) have few output tiles (r=16, K=4096: 64 tiles on 132 SMs), so
+    each tile's reduction is split over M into ``split`` programs writing fp32 partials, summed in order by a
+    second launch: ``tiles · split >= sms``, each slice at least ``MIN_ROWS_PER_SPLIT`` rows."""
+    tiles = _cdiv(P, block_p) * _cdiv(Q, block_q)
+    if not (M and tiles) or tiles >= sms:
+        return 1
+    return max(1, min(_cdiv(sms, tiles), M // MIN_ROWS_PER_SPLIT))
+
+
+def tn_cost(M: int, P: int, Q: int, itemsize: int, selected: int | None = None, split: int | None = None):
     """``_matmul_tn_kernel``: C (P, Q) = alpha·Pmatᵀ Qmat reduced over M, or over the ``selected`` rows only
-    (then every row's 1-byte flag is read, and only selected rows of Pmat and Qmat)."""
+    (then every row's 1-byte flag is read, and only selected rows of Pmat and Qmat). With ``split > 1``
+    (default: the launcher's choice on an H100, :func:`tn_split`) the kernel writes ``split`` fp32 partials
+    and ``_tn_reduce_kernel`` reads them and writes C: both launches' traffic is counted here."""
     if not M:
         return dict(flops=0, read=0, write=0)
+    split = split or tn_split(M, P, Q)
     rows = M if selected is None else selected
     flags = 0 if selected is None else M
-    return dict(flops=2 * M * P * Q, read=(rows * P + rows * Q) * itemsize + flags, write=P * Q * itemsize)
+    read = (rows * P + rows * Q) * itemsize + flags
+    write = P * Q * itemsize
+    if split > 1:
+        read += split * P * Q * 4
+        write += split * P * Q * 4
+    return dict(flops=2 * M * P * Q + (split - 1) * P * Q if split > 1 else 2 * M * P * Q, read=read, write=write)

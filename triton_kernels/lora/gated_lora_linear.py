@@ -6,6 +6,8 @@ Maths: ``docs/token_selective.md``. 2-D ``x (M, K)``, ``W (N, K)``, ``A (R, K)``
   same x tiles, ``TILES_PER_PROG`` N tiles per program sharing one shrink), but its epilogue writes
   ``y = h + bias`` and the partial row sums of ``h²`` of its tiles (``hsq (G, M)`` fp32, one row per program
   group): the norms of the frozen output come out of the base GEMM, and ``h`` is never re-read.
+  On sm_90 (fp16/bf16, descriptor-addressable tensors) ``_gated_fwd_tma_kernel`` does the same with the LoRA
+  forward's TMA main loop and a persistent grid (``lora_linear._use_tma``).
 * ``_gate_kernel`` (row blocks): ``‖m_i‖² = s² u_iᵀ (BᵀB) u_i`` from ``u`` and the ``R x R`` Gram of B,
   ``r_i = ‖m_i‖ / max(‖h_i‖, ε)``, ``S_i = r_i ≥ max(τ, 0)``; then ``_compact_kernel`` (one program, one
   byte per row) writes the stable compaction of the selected row indices (in-block prefix sums plus a
@@ -93,6 +95,51 @@ def _gated_fwd_kernel(
                                    BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
         hsq = _gated_epilogue(acc, hsq, rm, rn, m_ok, n_ok, bias_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS)
     tl.store(hsq_ptr + pid_g * M + rm, hsq, mask=m_ok)
+
+
+@triton.jit
+def _gated_fwd_tma_kernel(
+    x_desc, xl_desc, w_desc, a_desc, y_desc, u_desc, bias_ptr, hsq_ptr,
+    M, N, K, R, M_BUCKET, TILES_PER_PROG,
+    HAS_XL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, SUBTILE: tl.constexpr = True,
+):
+    """``_gated_fwd_kernel`` on Hopper: the LoRA forward's TMA main loop (``lora_linear._fwd_mainloop_tma``),
+    a persistent grid over the same work items, ``y = h + bias`` stored by TMA, the ``h²`` row sums as before."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_groups = tl.cdiv(num_n, TILES_PER_PROG)
+    for item in range(tl.program_id(0), num_m * num_groups, tl.num_programs(0)):
+        pid_m, pid_g = _lk._grouped_pid(item, num_m, num_groups, GROUP_M)
+        m0 = pid_m * BLOCK_M
+        first = pid_g * TILES_PER_PROG
+        hsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc, acc_u = _lk._fwd_mainloop_tma(x_desc, xl_desc, w_desc, a_desc, m0, first * BLOCK_N, K, True, HAS_XL,
+                                           UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+        if pid_g == 0:
+            u_desc.store([m0, 0], acc_u.to(u_desc.dtype))  # rank columns past R are clipped
+        hsq = _gated_epilogue_tma(acc, hsq, m0, first * BLOCK_N, N, bias_ptr, y_desc, HAS_BIAS, BLOCK_N, SUBTILE)
+        for t in range(first + 1, tl.minimum(first + TILES_PER_PROG, num_n)):
+            acc, _ = _lk._fwd_mainloop_tma(x_desc, xl_desc, w_desc, a_desc, m0, t * BLOCK_N, K, False, HAS_XL,
+                                           UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+            hsq = _gated_epilogue_tma(acc, hsq, m0, t * BLOCK_N, N, bias_ptr, y_desc, HAS_BIAS, BLOCK_N, SUBTILE)
+        rm = m0 + tl.arange(0, BLOCK_M)
+        tl.store(hsq_ptr + pid_g * M + rm, hsq, mask=rm < M)
+
+
+@triton.jit
+def _gated_epilogue_tma(acc, hsq, m0, n0, N, bias_ptr, y_desc, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                        SUBTILE: tl.constexpr):
+    """As ``_gated_epilogue``, with the store by TMA (rows and columns past M, N clipped)."""
+    rn = n0 + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    hf = acc.to(y_desc.dtype).to(tl.float32)
+    hsq += tl.sum(tl.where(n_ok[None, :], hf * hf, 0.0), axis=1)
+    if HAS_BIAS:
+        hf += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    _lk._store_tile(y_desc, m0, n0, hf, BLOCK_N, SUBTILE)
+    return hsq
 
 
 @triton.jit
@@ -186,6 +233,27 @@ _FWD_FAMILIES = {
     for (cls, bucket), cfgs in _lk._FWD_FAMILIES.items() for br in ((16, 32) if bucket == 32 else (bucket,))}
 _FWD = {fam: triton.autotune(configs=autotune_configs(cfgs, _lk._INTERP_FWD), key=["N", "K", "BLOCK_R", "M_BUCKET"])(
     _gated_fwd_kernel) for fam, cfgs in _FWD_FAMILIES.items()}
+
+
+def _gated_tma_hook(nargs):
+    bm, bn, bk, br = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"], nargs["BLOCK_R"]
+    nargs["x_desc"].block_shape = [bm, bk]
+    nargs["xl_desc"].block_shape = [bm, bk]
+    nargs["w_desc"].block_shape = [bn, bk]
+    nargs["a_desc"].block_shape = [br, bk]
+    nargs["y_desc"].block_shape = [bm, bn // 2]  # SUBTILE
+    nargs["u_desc"].block_shape = [bm, br]
+
+
+# Hopper (sm_90) forward: the LoRA forward's Hopper tile shapes, by rank bucket, less 128x128x32 (8 warps, 4
+# stages), whose h² row sums take it to 136 registers: one CTA per SM (compile report). The rest fit two.
+_FWD_TMA_FAMILIES = {bucket: [_lk._tma_cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                                           c.num_stages, _gated_tma_hook) for c in cfgs
+                              if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) != (128, 128, 32)]
+                     for bucket, cfgs in _lk._FWD_TMA_FAMILIES.items()}
+_FWD_TMA = {b: triton.autotune(configs=autotune_configs(cfgs, _lk._tma_cfg(16, 32, 32, 1, 1, _gated_tma_hook)),
+                               key=["N", "K", "BLOCK_R", "M_BUCKET"])(_gated_fwd_tma_kernel)
+            for b, cfgs in _FWD_TMA_FAMILIES.items()}
 _EXPAND_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=1)
                    for bm, bn, w in ((64, 128, 4), (32, 128, 8), (64, 64, 4))]
 _INTERP_EXPAND = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=1, num_stages=1)
@@ -202,12 +270,14 @@ def gated_base(x, x_lora, weight, bias, lora_a):
     y = empty_out((M, N), like=x, dtype=odt)
     u = empty_out((M, R), like=x, dtype=odt)
     BR = _lk._block_r(R)
+    xl = x if x_lora is None else x_lora
+    if _lk._use_tma(x.dtype, x.device, x, xl, weight, lora_a, y, u):
+        return _gated_base_hopper(x, xl, x_lora is not None, weight, bias, lora_a, y, u, BR)
     fam = (_lk._dtype_class(x.dtype), BR)
     first = _FWD_FAMILIES[fam][0].kwargs
     tpp = _lk._tiles_per_prog(M, N, first["BLOCK_M"], first["BLOCK_N"], x.device)
     groups = max(_cdiv(_cdiv(N, c.kwargs["BLOCK_N"]), tpp) for c in _FWD[fam].configs)
     hsq = torch.zeros((groups, M), dtype=torch.float32, device=x.device)  # groups the chosen config skips stay 0
-    xl = x if x_lora is None else x_lora
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(triton.cdiv(N, meta["BLOCK_N"]), tpp),)
     _FWD[fam][grid](
@@ -217,6 +287,25 @@ def gated_base(x, x_lora, weight, bias, lora_a):
         lora_a.stride(0), lora_a.stride(1), y.stride(0), y.stride(1), u.stride(0), u.stride(1),
         HAS_XL=x_lora is not None, HAS_BIAS=bias is not None, UPCAST=_lk._upcast(x.dtype),
         PRECISION=_lk._precision(x.dtype), BLOCK_R=BR,
+    )
+    return y, u, hsq
+
+
+def _gated_base_hopper(x, xl, has_xl, weight, bias, lora_a, y, u, BR):
+    """``gated_base`` by ``_gated_fwd_tma_kernel`` (sm_90, fp16/bf16, descriptor-addressable tensors)."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_a.shape[0]
+    bucket = next(b for b in _lk._RANK_BUCKETS if BR <= b)
+    first = _FWD_TMA_FAMILIES[bucket][0].kwargs
+    tpp = _lk._tiles_per_prog(M, N, first["BLOCK_M"], first["BLOCK_N"], x.device)
+    groups = max(_cdiv(_cdiv(N, c.kwargs["BLOCK_N"]), tpp) for c in _FWD_TMA[bucket].configs)
+    hsq = torch.zeros((groups, M), dtype=torch.float32, device=x.device)  # groups the chosen config skips stay 0
+    grid = lambda meta: (_lk._persistent_grid(  # noqa: E731
+        triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(triton.cdiv(N, meta["BLOCK_N"]), tpp), x.device),)
+    _FWD_TMA[bucket][grid](
+        _lk._desc(x), _lk._desc(xl), _lk._desc(weight), _lk._desc(lora_a), _lk._desc(y), _lk._desc(u),
+        bias if bias is not None else x, hsq, M, N, K, R, triton.next_power_of_2(M), tpp,
+        HAS_XL=has_xl, HAS_BIAS=bias is not None, UPCAST=_lk._upcast(x.dtype), BLOCK_R=BR,
     )
     return y, u, hsq
 
@@ -326,6 +415,19 @@ def _aot_specs() -> list[AOTSpec]:
                              _GATE_CONFIG, ty)
             spec.signature.update(g_ptr="*fp32", hsq_ptr="*fp32", tau_ptr="*fp32", ratio_ptr="*fp32", sel_ptr="*u8")
             specs.append(spec)
+    for bucket, cfgs in _FWD_TMA_FAMILIES.items():  # Hopper forward (sm_90a only), bf16
+        for BR in ((16, 32) if bucket == 32 else (bucket,)):
+            for cfg in cfgs:
+                kw = cfg.kwargs
+                bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+                spec = _lk._tma_spec(
+                    f"gated_fwd_tma/bf16/r{BR}/{bm}x{bn}x{bk}/w{cfg.num_warps}", _gated_fwd_tma_kernel,
+                    {"x_desc": (bm, bk), "xl_desc": (bm, bk), "w_desc": (bn, bk), "a_desc": (BR, bk),
+                     "y_desc": (bm, bn // 2), "u_desc": (bm, BR)},
+                    ["bias_ptr"], ["M", "N", "K", "R", "M_BUCKET", "TILES_PER_PROG"], [], [],
+                    dict(HAS_XL=False, HAS_BIAS=True, UPCAST=False, BLOCK_R=BR, **kw), cfg, "bf16")
+                spec.signature["hsq_ptr"] = "*fp32"
+                specs.append(spec)
     spec = _lk._spec("compact/1024", _compact_kernel, [], ["M"], [], [], dict(BLOCK=1024), _COMPACT_CONFIG, "u8")
     spec.signature.update(sel_ptr="*u8", idx_ptr="*i32", cnt_ptr="*i32")
     specs.append(spec)

@@ -18,6 +18,12 @@ Maths (PEFT's LoRA, ``scale = alpha / r`` or ``alpha / sqrt(r)``), 2-D ``x (M, K
   As in forward, a program owns ``TILES_PER_PROG`` K tiles and computes ``g`` for the first only;
   programs of the first group store ``g`` for the weight gradients.
 * ``_matmul_tn_kernel``: ``C = alpha · Pᵀ Q`` reduced over M, for ``dA = gᵀ x_lora`` and ``dB = scale · dyᵀ u``.
+  These have few output tiles (r x K, N x r), so the reduction is split over M (grid axis 2, ``tn_split``:
+  the grid gives every SM a program); each slice writes an fp32 partial and ``_tn_reduce_kernel`` sums them
+  in order (deterministic) with alpha.
+* Hopper (sm_90, fp16/bf16): ``_lora_fwd_tma_kernel`` and ``_lora_bwd_dx_tma_kernel`` are the same maths with
+  TMA tensor-descriptor loads and stores and a persistent grid (see the section "Hopper (sm_90) variants");
+  ``_use_tma`` picks them at launch from the device capability and the tensors' alignment.
 
 Layouts: any strides (2-D views are fine). Accumulation is fp32; outputs are rounded once to the input
 dtype; ``u`` and ``g`` are rounded to the input dtype before their second GEMM (as PyTorch does).
@@ -47,7 +53,7 @@ from pyfastpeft.core.triton_config import AOTSpec, autotune_configs, interpretin
 # Declared FLOPs / unique HBM bytes per launch live in a Triton-free module (pfp.perf reads them without
 # importing Triton); tests/lora/test_lora_linear_cost.py checks them against the interpreter's loads/stores.
 from pyfastpeft.triton_kernels.lora._lora_linear_cost import (  # noqa: F401  (re-exported)
-    bwd_dx_cost, fwd_cost, tiles_per_prog, tn_cost)
+    bwd_dx_cost, fwd_cost, tiles_per_prog, tn_cost, tn_split)
 
 MAX_RANK = 128
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -89,12 +95,64 @@ _DX_FAMILIES = {
 _TN_FAMILIES = {
     "16": [_tn_cfg(128, 64, 64, 4, 3), _tn_cfg(64, 128, 64, 4, 3), _tn_cfg(64, 64, 64, 4, 3),
            _tn_cfg(128, 128, 32, 8, 3)],
-    "fp32": [_tn_cfg(128, 128, 16, 8, 3), _tn_cfg(64, 128, 32, 8, 3), _tn_cfg(32, 64, 32, 4, 3)],
+    # (64, 128, 32, 8 warps) left out: with the split-M slice bounds it spills 8-24 bytes (compile report)
+    "fp32": [_tn_cfg(128, 128, 16, 8, 3), _tn_cfg(32, 64, 32, 4, 3)],
 }
 # The interpreter runs one small config per family (autotune_configs).
 _INTERP_FWD = _cfg(16, 32, 32, 1, 1)
 _INTERP_DX = _cfg(16, 32, 32, 1, 1)
 _INTERP_TN = _tn_cfg(16, 32, 32, 1, 1)
+
+
+def _fwd_tma_hook(nargs):
+    """Descriptor block shapes follow the config (host descriptors carry them; set before each launch)."""
+    bm, bn, bk, br = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"], nargs["BLOCK_R"]
+    nargs["x_desc"].block_shape = [bm, bk]
+    nargs["xl_desc"].block_shape = [bm, bk]
+    nargs["w_desc"].block_shape = [bn, bk]
+    nargs["a_desc"].block_shape = [br, bk]
+    nargs["b_desc"].block_shape = [bn, br]
+    nargs["y_desc"].block_shape = [bm, bn // 2]  # SUBTILE: y is stored in two halves
+    nargs["u_desc"].block_shape = [bm, br]
+
+
+def _dx_tma_hook(nargs):
+    bm, bn, bk, br = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"], nargs["BLOCK_R"]
+    nargs["dy_desc"].block_shape = [bm, bn]
+    nargs["w_desc"].block_shape = [bn, bk]
+    nargs["a_desc"].block_shape = [br, bk]
+    nargs["b_desc"].block_shape = [bn, br]
+    nargs["dx_desc"].block_shape = [bm, bk // 2]  # SUBTILE
+    nargs["dxl_desc"].block_shape = [bm, bk // 2]
+    nargs["g_desc"].block_shape = [bm, br]
+
+
+def _tma_cfg(bm, bn, bk, warps, stages, hook):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
+                         num_stages=stages, pre_hook=hook)
+
+
+# Hopper (sm_90) families, fp16/bf16 only, by rank bucket: every config reaches >= 2 CTAs per SM on sm_90a
+# with 0 spills (compile report, rows lora_fwd_tma/...).
+_FWD_TMA_FAMILIES = {
+    32: [_tma_cfg(128, 128, 64, 8, 2, _fwd_tma_hook), _tma_cfg(128, 128, 32, 8, 4, _fwd_tma_hook),
+         _tma_cfg(64, 128, 64, 4, 3, _fwd_tma_hook)],
+    64: [_tma_cfg(128, 128, 64, 8, 2, _fwd_tma_hook), _tma_cfg(128, 128, 32, 8, 4, _fwd_tma_hook),
+         _tma_cfg(64, 128, 64, 4, 3, _fwd_tma_hook)],
+    128: [_tma_cfg(64, 128, 32, 4, 3, _fwd_tma_hook)],
+}
+_INTERP_FWD_TMA = _tma_cfg(16, 32, 32, 1, 1, _fwd_tma_hook)
+# dx: output tile (BLOCK_M, BLOCK_K), reduction over N in BLOCK_N chunks
+_DX_TMA_FAMILIES = {
+    32: [_tma_cfg(128, 64, 128, 8, 2, _dx_tma_hook), _tma_cfg(128, 32, 128, 8, 4, _dx_tma_hook),
+         _tma_cfg(64, 64, 128, 4, 3, _dx_tma_hook)],
+    64: [_tma_cfg(128, 64, 128, 8, 2, _dx_tma_hook), _tma_cfg(128, 32, 128, 8, 4, _dx_tma_hook),
+         _tma_cfg(64, 64, 128, 4, 3, _dx_tma_hook)],
+    128: [_tma_cfg(64, 32, 128, 4, 3, _dx_tma_hook)],
+}
+_INTERP_DX_TMA = _tma_cfg(16, 32, 32, 1, 1, _dx_tma_hook)
+# persistent grids: this many programs per SM (the configs above fit two CTAs per SM)
+PERSISTENT_CTAS_PER_SM = 2
 
 
 @triton.jit
@@ -336,20 +394,27 @@ def _lora_bwd_dx_kernel(
 
 @triton.jit
 def _matmul_tn_kernel(
-    p_ptr, q_ptr, c_ptr, sel_ptr, M, P, Q, M_BUCKET, alpha,
+    p_ptr, q_ptr, c_ptr, sel_ptr, M, P, Q, M_BUCKET, SPLIT, alpha,
     stride_pm, stride_pp, stride_qm, stride_qq, stride_cp, stride_cq,
     HAS_SEL: tl.constexpr,  # reduce over selected rows only: masked-off rows move no bytes
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """C (P, Q) = alpha · Pmatᵀ Qmat, with Pmat (M, P), Qmat (M, Q), reduced over M."""
+    """C (P, Q) = alpha · Pmatᵀ Qmat, with Pmat (M, P), Qmat (M, Q), reduced over M.
+
+    Split-M (grid axis 2, ``SPLIT > 1``): program ``s`` reduces rows ``[s·chunk, (s+1)·chunk)`` and writes its
+    fp32 partial, without alpha, to ``c_ptr + s·P·Q`` (a contiguous (SPLIT, P, Q) buffer); ``_tn_reduce_kernel``
+    sums the partials in order (deterministic) and applies alpha."""
     rp = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     rq = (tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
     p_ok, q_ok = rp < P, rq < Q
+    chunk = tl.cdiv(tl.cdiv(M, SPLIT), BLOCK_M) * BLOCK_M  # whole BLOCK_M tiles per slice
+    lo = tl.program_id(2) * chunk
+    hi = tl.minimum(lo + chunk, M)
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(lo, hi, BLOCK_M):
         rm = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        m_ok = rm < M
+        m_ok = rm < hi
         if HAS_SEL:  # sel_ptr: (M,) bool; never dereferenced when HAS_SEL is off
             m_ok = m_ok & (tl.load(sel_ptr + rm, mask=m_ok, other=0) != 0)
         pt = tl.load(p_ptr + rm[None, :] * stride_pm + rp[:, None] * stride_pp,  # Pᵀ tile (BLOCK_P, BLOCK_M)
@@ -359,8 +424,212 @@ def _matmul_tn_kernel(
         if UPCAST:
             pt, qt = pt.to(tl.float32), qt.to(tl.float32)
         acc = tl.dot(pt, qt, acc, input_precision=PRECISION)
-    tl.store(c_ptr + rp[:, None] * stride_cp + rq[None, :] * stride_cq, (acc * alpha).to(c_ptr.dtype.element_ty),
-             mask=p_ok[:, None] & q_ok[None, :])
+    mask = p_ok[:, None] & q_ok[None, :]
+    if SPLIT > 1:
+        part = c_ptr + tl.program_id(2).to(tl.int64) * P * Q
+        tl.store(part + rp[:, None] * Q + rq[None, :], acc, mask=mask)
+    else:
+        tl.store(c_ptr + rp[:, None] * stride_cp + rq[None, :] * stride_cq, (acc * alpha).to(c_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
+def _tn_reduce_kernel(part_ptr, c_ptr, n, SPLIT, alpha, BLOCK: tl.constexpr):
+    """c[i] = alpha · Σ_s part[s, i] for the ``n`` elements of a contiguous C, summed in order s = 0, 1, ..."""
+    i = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    ok = i < n
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLIT):
+        acc += tl.load(part_ptr + s * n + i, mask=ok, other=0.0)
+    tl.store(c_ptr + i, (acc * alpha).to(c_ptr.dtype.element_ty), mask=ok)
+
+
+# ------------------------------------------------------------------------------- Hopper (sm_90) variants
+# The same maths as the kernels above, built the way GEMMs reach the tensor cores' rate on Hopper: operand
+# tiles arrive by TMA (host tensor descriptors: a tile load is one UTMALDG that lands in shared memory,
+# with out-of-range rows and columns zero-filled, so the main loop has no masks and no address math), the
+# dots are warpgroup MMAs (wgmma) fed from shared memory, and the grid is persistent: ``sms * 2`` programs
+# walk the work items (row block x group of TILES_PER_PROG column tiles) in the grouped, L2-friendly order
+# of ``_grouped_pid``, so the items in flight at one time share their W tiles in L2. The configs keep one
+# warpgroup's accumulators within 255 registers (4 warps) or two within 128 (8 warps) so that two CTAs fit
+# on an SM: one CTA's epilogue overlaps the other's main loop (compile report: ``ctas_per_sm``).
+# Ampere, fp32 and misaligned tensors keep the pointer-load kernels (``_use_tma``).
+
+@triton.jit
+def _fwd_mainloop_tma(
+    x_desc, xl_desc, w_desc, a_desc, m0, n0, K,
+    SHRINK: tl.constexpr, HAS_XL: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """K loop of one y tile from descriptor loads: ``x Wᵀ`` and, with SHRINK, ``u = x_lora Aᵀ``."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        xt = x_desc.load([m0, k0])
+        wt = w_desc.load([n0, k0])  # W tile (BLOCK_N, BLOCK_K); the dot takes its transpose from smem
+        if UPCAST:
+            acc = tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), acc)
+        else:
+            acc = tl.dot(xt, tl.trans(wt), acc)
+        if SHRINK:
+            at = a_desc.load([0, k0])  # A tile (BLOCK_R, BLOCK_K); rows past R are zero-filled
+            if HAS_XL:
+                xlt = xl_desc.load([m0, k0])
+            else:
+                xlt = xt
+            if UPCAST:
+                acc_u = tl.dot(xlt.to(tl.float32), tl.trans(at.to(tl.float32)), acc_u)
+            else:
+                acc_u = tl.dot(xlt, tl.trans(at), acc_u)
+    return acc, acc_u
+
+
+@triton.jit
+def _fwd_epilogue_tma(acc, u, m0, n0, scale, inv_scale, b_desc, bias_ptr, y_desc, N,
+                      HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILE: tl.constexpr):
+    """y tile = acc + scale · u Bᵀ + bias, stored by TMA (rows/columns past M/N are clipped by the store).
+
+    The expand accumulates into the main accumulator, ``(acc / scale + u Bᵀ) · scale``: a separate
+    ``u Bᵀ`` result would hold a second (BLOCK_M, BLOCK_N) fp32 tile in registers (172 instead of 112
+    registers at 128x128, 8 warps: one CTA per SM instead of two). The two fp32 scalings add at most two
+    fp32 roundings to a value then rounded to 16 bits (the launcher takes this kernel only for a finite,
+    non-zero scale)."""
+    bt = b_desc.load([n0, 0])  # B tile (BLOCK_N, BLOCK_R); rank columns past R are zero-filled
+    if UPCAST:
+        acc = tl.dot(u.to(tl.float32), tl.trans(bt.to(tl.float32)), acc * inv_scale) * scale
+    else:
+        acc = tl.dot(u, tl.trans(bt), acc * inv_scale) * scale
+    if HAS_BIAS:
+        rn = n0 + tl.arange(0, BLOCK_N)
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    _store_tile(y_desc, m0, n0, acc, BLOCK_N, SUBTILE)
+
+
+@triton.jit
+def _store_tile(desc, m0, n0, acc, BLOCK_N: tl.constexpr, SUBTILE: tl.constexpr):
+    """TMA store of an fp32 tile rounded to the descriptor's dtype; SUBTILE: as two (rows, BLOCK_N / 2)
+    halves (the descriptor's block shape), which halves the shared memory that stages the store."""
+    if SUBTILE:
+        lo, hi = tl.split(tl.permute(tl.reshape(acc, (acc.shape[0], 2, BLOCK_N // 2)), (0, 2, 1)))
+        desc.store([m0, n0], lo.to(desc.dtype))
+        desc.store([m0, n0 + BLOCK_N // 2], hi.to(desc.dtype))
+    else:
+        desc.store([m0, n0], acc.to(desc.dtype))
+
+
+@triton.jit
+def _lora_fwd_tma_kernel(
+    x_desc, xl_desc, w_desc, a_desc, b_desc, y_desc, u_desc, bias_ptr,
+    M, N, K, R, M_BUCKET, TILES_PER_PROG, scale, inv_scale,
+    HAS_XL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, PAD_R: tl.constexpr = True, SUBTILE: tl.constexpr = True,
+):
+    """``_lora_fwd_kernel`` with TMA loads and stores and a persistent grid (one work item = the tiles one
+    program of the pointer kernel owns: a row block and TILES_PER_PROG column tiles sharing one shrink)."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_groups = tl.cdiv(num_n, TILES_PER_PROG)
+    r_ok = tl.arange(0, BLOCK_R) < R
+    for item in range(tl.program_id(0), num_m * num_groups, tl.num_programs(0)):
+        pid_m, pid_g = _grouped_pid(item, num_m, num_groups, GROUP_M)
+        m0 = pid_m * BLOCK_M
+        first = pid_g * TILES_PER_PROG
+        acc, acc_u = _fwd_mainloop_tma(x_desc, xl_desc, w_desc, a_desc, m0, first * BLOCK_N, K,
+                                       True, HAS_XL, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+        if PAD_R:  # as in _lora_fwd_kernel: padding ranks are 0, not x · 0
+            u = tl.where(r_ok[None, :], acc_u, 0.0).to(u_desc.dtype)
+        else:
+            u = acc_u.to(u_desc.dtype)
+        if pid_g == 0:
+            u_desc.store([m0, 0], u)  # rank columns past R are clipped
+        _fwd_epilogue_tma(acc, u, m0, first * BLOCK_N, scale, inv_scale, b_desc, bias_ptr, y_desc, N,
+                          HAS_BIAS, UPCAST, BLOCK_N, SUBTILE)
+        for t in range(first + 1, tl.minimum(first + TILES_PER_PROG, num_n)):
+            acc, _ = _fwd_mainloop_tma(x_desc, xl_desc, w_desc, a_desc, m0, t * BLOCK_N, K,
+                                       False, HAS_XL, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+            _fwd_epilogue_tma(acc, u, m0, t * BLOCK_N, scale, inv_scale, b_desc, bias_ptr, y_desc, N,
+                              HAS_BIAS, UPCAST, BLOCK_N, SUBTILE)
+
+
+@triton.jit
+def _dx_mainloop_tma(
+    dy_desc, w_desc, b_desc, m0, k0, N,
+    BASE: tl.constexpr, SHRINK: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """N loop of one dx tile from descriptor loads: ``dy W`` (BASE) and ``dy B`` (SHRINK)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        dyt = dy_desc.load([m0, n0])
+        if UPCAST:
+            dyt = dyt.to(tl.float32)
+        if SHRINK:
+            bt = b_desc.load([n0, 0])  # B tile (BLOCK_N, BLOCK_R); rank columns past R are zero-filled
+            if UPCAST:
+                bt = bt.to(tl.float32)
+            acc_g = tl.dot(dyt, bt, acc_g)
+        if BASE:
+            wt = w_desc.load([n0, k0])  # W tile (BLOCK_N, BLOCK_K)
+            if UPCAST:
+                wt = wt.to(tl.float32)
+            acc = tl.dot(dyt, wt, acc)
+    return acc, acc_g
+
+
+@triton.jit
+def _dx_epilogue_tma(acc, g, m0, k0, a_desc, dx_desc, dxl_desc,
+                     DX_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, SUBTILE: tl.constexpr):
+    """dx tile = acc + g A (mode 1, accumulated into acc) or acc and g A stored apart (mode 2), by TMA."""
+    at = a_desc.load([0, k0])  # A tile (BLOCK_R, BLOCK_K); ranks past R are zero-filled
+    if UPCAST:
+        at = at.to(tl.float32)
+        g = g.to(tl.float32)
+    if DX_MODE == 1:
+        acc = tl.dot(g, at, acc)
+    else:
+        _store_tile(dxl_desc, m0, k0, tl.dot(g, at), BLOCK_K, SUBTILE)
+    _store_tile(dx_desc, m0, k0, acc, BLOCK_K, SUBTILE)
+
+
+@triton.jit
+def _lora_bwd_dx_tma_kernel(
+    dy_desc, w_desc, a_desc, b_desc, dx_desc, dxl_desc, g_desc, sel_ptr,
+    M, N, K, R, M_BUCKET, TILES_PER_PROG, scale,
+    DX_MODE: tl.constexpr, HAS_SEL: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, SUBTILE: tl.constexpr = True,
+):
+    """``_lora_bwd_dx_kernel`` with TMA loads and stores and a persistent grid (work item = a row block and
+    TILES_PER_PROG K tiles sharing one ``g = scale · dy B``)."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    if DX_MODE != 0:
+        num_k = tl.cdiv(K, BLOCK_K)
+        num_groups = tl.cdiv(num_k, TILES_PER_PROG)
+    else:
+        num_k = 1
+        num_groups = 1
+    for item in range(tl.program_id(0), num_m * num_groups, tl.num_programs(0)):
+        pid_m, pid_g = _grouped_pid(item, num_m, num_groups, GROUP_M)
+        m0 = pid_m * BLOCK_M
+        first = pid_g * TILES_PER_PROG
+        acc, acc_g = _dx_mainloop_tma(dy_desc, w_desc, b_desc, m0, first * BLOCK_K, N, DX_MODE != 0, True,
+                                      UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+        g = (acc_g * scale).to(g_desc.dtype)
+        if pid_g == 0:
+            g_desc.store([m0, 0], g)
+        if HAS_SEL:  # sel_ptr: (M,) bool; never dereferenced when HAS_SEL is off
+            rm = m0 + tl.arange(0, BLOCK_M)
+            g = g * tl.load(sel_ptr + rm, mask=rm < M, other=0).to(g.dtype)[:, None]
+        if DX_MODE != 0:
+            _dx_epilogue_tma(acc, g, m0, first * BLOCK_K, a_desc, dx_desc, dxl_desc, DX_MODE, UPCAST, BLOCK_K,
+                             SUBTILE)
+            for t in range(first + 1, tl.minimum(first + TILES_PER_PROG, num_k)):
+                acc, _ = _dx_mainloop_tma(dy_desc, w_desc, b_desc, m0, t * BLOCK_K, N, True, False,
+                                          UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+                _dx_epilogue_tma(acc, g, m0, t * BLOCK_K, a_desc, dx_desc, dxl_desc, DX_MODE, UPCAST, BLOCK_K,
+                                 SUBTILE)
 
 
 # ----------------------------------------------------------------------------------------------- autotuners
@@ -370,7 +639,13 @@ _FWD = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_FWD), key=["
 _DX = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_DX),
                             key=["N", "K", "BLOCK_R", "M_BUCKET", "DX_MODE"])(_lora_bwd_dx_kernel)
        for fam, cfgs in _DX_FAMILIES.items()}
-_TN = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_TN), key=["P", "Q", "M_BUCKET"])(_matmul_tn_kernel)
+_FWD_TMA = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_FWD_TMA),
+                                 key=["N", "K", "BLOCK_R", "M_BUCKET"])(_lora_fwd_tma_kernel)
+            for fam, cfgs in _FWD_TMA_FAMILIES.items()}
+_DX_TMA = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_DX_TMA),
+                                key=["N", "K", "BLOCK_R", "M_BUCKET", "DX_MODE"])(_lora_bwd_dx_tma_kernel)
+           for fam, cfgs in _DX_TMA_FAMILIES.items()}
+_TN = {fam: triton.autotune(configs=autotune_configs(cfgs, _INTERP_TN), key=["P", "Q", "M_BUCKET", "SPLIT"])(_matmul_tn_kernel)
        for fam, cfgs in _TN_FAMILIES.items()}
 
 
@@ -421,6 +696,44 @@ def _tiles_per_prog(M: int, n_cols: int, block_m: int, block_n: int, device: tor
     return tiles_per_prog(M, n_cols, block_m, block_n, _sm_count(device))
 
 
+def _hopper(device: torch.device) -> bool:
+    """The Hopper kernels run on sm_90 (H100/H200) only; under the interpreter tests switch them on."""
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] == 9
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A host tensor descriptor needs a 2-D tensor with unit last stride, 16-byte-aligned base and rows."""
+    es = t.element_size()
+    return (t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0
+            and t.shape[0] > 0 and t.shape[1] > 0)
+
+
+def _use_tma(dtype: torch.dtype, device: torch.device, *tensors, scale: float = 1.0) -> bool:
+    """The Hopper (TMA, persistent) kernels take a launch on sm_90, for fp16/bf16 (fp32's IEEE dots keep
+    the pointer kernels), a finite non-zero scale, and tensors a descriptor can address; else pointer loads."""
+    if dtype not in (torch.float16, torch.bfloat16) or not (scale != 0 and abs(scale) != float("inf")):
+        return False
+    if not (_hopper(device) or _FORCE_TMA):
+        return False
+    return all(_tma_ok(t) for t in tensors)
+
+
+_FORCE_TMA = False  # tests: run the Hopper kernels under the interpreter (it executes tensor descriptors)
+
+
+def _desc(t: torch.Tensor):
+    """A host TensorDescriptor of ``t``; its block shape is set per config by the autotuner's pre-hook."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])  # placeholder: the hook sets it
+
+
+def _persistent_grid(items: int, device: torch.device) -> int:
+    return max(1, min(items, PERSISTENT_CTAS_PER_SM * _sm_count(device)))
+
+
 def supports(dtype: torch.dtype, R: int) -> str | None:
     """None when these kernels take the call, else why not (the registry's ``supports``)."""
     if dtype not in _DTYPES:
@@ -442,6 +755,9 @@ def lora_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale: float):
     xl = x if x_lora is None else x_lora
     dummy = x  # never dereferenced when its HAS_* flag is off
     BR = _block_r(R)
+    if _use_tma(x.dtype, x.device, x, xl, weight, lora_a, lora_b, y, u, scale=float(scale)):
+        _lora_fwd_hopper(x, xl, x_lora is not None, weight, bias, lora_a, lora_b, y, u, float(scale), BR)
+        return _finish(y, x.dtype), _finish(u, x.dtype)
     fam = _family(x.dtype, BR)
     first = _FWD_FAMILIES[fam][0].kwargs
     tpp = _tiles_per_prog(M, N, first["BLOCK_M"], first["BLOCK_N"], x.device)
@@ -459,6 +775,22 @@ def lora_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale: float):
     return _finish(y, x.dtype), _finish(u, x.dtype)
 
 
+def _lora_fwd_hopper(x, xl, has_xl, weight, bias, lora_a, lora_b, y, u, scale, BR):
+    """``lora_fwd`` by ``_lora_fwd_tma_kernel``: persistent grid of ``2 × SMs`` programs at most."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_a.shape[0]
+    bucket = next(b for b in _RANK_BUCKETS if BR <= b)
+    first = _FWD_TMA_FAMILIES[bucket][0].kwargs
+    tpp = _tiles_per_prog(M, N, first["BLOCK_M"], first["BLOCK_N"], x.device)
+    grid = lambda meta: (_persistent_grid(  # noqa: E731
+        triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(triton.cdiv(N, meta["BLOCK_N"]), tpp), x.device),)
+    _FWD_TMA[bucket][grid](
+        _desc(x), _desc(xl), _desc(weight), _desc(lora_a), _desc(lora_b), _desc(y), _desc(u),
+        bias if bias is not None else x, M, N, K, R, triton.next_power_of_2(M), tpp, scale, 1.0 / scale,
+        HAS_XL=has_xl, HAS_BIAS=bias is not None, UPCAST=_upcast(x.dtype), BLOCK_R=BR, PAD_R=R < BR,
+    )
+
+
 def matmul_tn(p, q, alpha: float, out_dtype=None, selected=None):
     """C = alpha · pᵀ q for p (M, P), q (M, Q); fp32 accumulation; with ``selected (M,) bool`` the sum runs
     over the selected rows only (the others are never read)."""
@@ -468,13 +800,33 @@ def matmul_tn(p, q, alpha: float, out_dtype=None, selected=None):
     c = empty_out((P, Q), like=p, dtype=_out_dtype(dtype))
     if M == 0:
         return _finish(c.zero_(), dtype)
-    grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(Q, meta["BLOCK_Q"]))  # noqa: E731
-    _TN[_dtype_class(p.dtype)][grid](
-        p, q, c, selected if selected is not None else p, M, P, Q, triton.next_power_of_2(M), float(alpha),
+    cls = _dtype_class(p.dtype)
+    split = _tn_split(M, P, Q, cls, p.device)
+    # split > 1: fp32 partials (split, P, Q), summed in order by _tn_reduce_kernel
+    out = c if split == 1 else torch.empty((split, P, Q), dtype=torch.float32, device=p.device)
+    grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(Q, meta["BLOCK_Q"]), split)  # noqa: E731
+    _TN[cls][grid](
+        p, q, out, selected if selected is not None else p, M, P, Q, triton.next_power_of_2(M), split, float(alpha),
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), c.stride(0), c.stride(1),
         HAS_SEL=selected is not None, UPCAST=_upcast(p.dtype), PRECISION=_precision(p.dtype),
     )
+    if split > 1:
+        n = P * Q
+        _tn_reduce_kernel[(triton.cdiv(n, _TN_REDUCE_BLOCK),)](out, c, n, split, float(alpha),
+                                                              BLOCK=_TN_REDUCE_BLOCK, num_warps=4)
     return _finish(c, dtype)
+
+
+_TN_REDUCE_BLOCK = 1024
+
+
+def _tn_split(M: int, P: int, Q: int, cls: str, device: torch.device) -> int:
+    """Split-M slices of ``matmul_tn`` (``tn_split``: the grid fills every SM); the interpreter splits any
+    reduction longer than one BLOCK_M in two, so tests run the partials and their reduction."""
+    if interpreting():
+        return 2 if M > _INTERP_TN.kwargs["BLOCK_M"] else 1
+    first = _TN_FAMILIES[cls][0].kwargs
+    return tn_split(M, P, Q, first["BLOCK_P"], first["BLOCK_Q"], _sm_count(device))
 
 
 def bwd_dx(dy, weight, lora_a, lora_b, scale: float, dx_mode: int, selected=None):
@@ -490,6 +842,9 @@ def bwd_dx(dy, weight, lora_a, lora_b, scale: float, dx_mode: int, selected=None
     if M > 0 and N == 0:  # empty reduction
         for t in (g, dx, dxl):
             t.zero_()
+    elif M > 0 and _use_tma(dy.dtype, dy.device, dy, weight, lora_a, lora_b, g, *((dx,) if dx_mode else ()),
+                            *((dxl,) if dx_mode == 2 else ()), scale=1.0):
+        _lora_bwd_dx_hopper(dy, weight, lora_a, lora_b, dx, dxl, g, selected, float(scale), dx_mode)
     elif M > 0:
         BR = _block_r(R)
         fam = _family(dy.dtype, BR)
@@ -513,6 +868,27 @@ def bwd_dx(dy, weight, lora_a, lora_b, scale: float, dx_mode: int, selected=None
     return _finish(dx, dy.dtype), _finish(dxl, dy.dtype), _finish(g, dy.dtype)
 
 
+def _lora_bwd_dx_hopper(dy, weight, lora_a, lora_b, dx, dxl, g, selected, scale, dx_mode):
+    """``bwd_dx`` by ``_lora_bwd_dx_tma_kernel``: persistent grid of ``2 × SMs`` programs at most."""
+    M, N = dy.shape
+    K, R = weight.shape[1], lora_a.shape[0]
+    BR = _block_r(R)
+    bucket = next(b for b in _RANK_BUCKETS if BR <= b)
+    first = _DX_TMA_FAMILIES[bucket][0].kwargs
+    tpp = _tiles_per_prog(M, K, first["BLOCK_M"], first["BLOCK_K"], dy.device) if dx_mode else 1
+    grid = lambda meta: (_persistent_grid(  # noqa: E731
+        triton.cdiv(M, meta["BLOCK_M"]) * (triton.cdiv(triton.cdiv(K, meta["BLOCK_K"]), tpp) if dx_mode else 1),
+        dy.device),)
+    # outputs not computed get descriptors of g (never dereferenced: DX_MODE removes their stores); each
+    # argument its own descriptor object, since the pre-hook sets every block shape
+    _DX_TMA[bucket][grid](
+        _desc(dy), _desc(weight), _desc(lora_a), _desc(lora_b), _desc(dx if dx_mode else g),
+        _desc(dxl if dx_mode == 2 else g), _desc(g), selected if selected is not None else g,
+        M, N, K, R, triton.next_power_of_2(M), tpp, scale,
+        DX_MODE=int(dx_mode), HAS_SEL=selected is not None, UPCAST=_upcast(dy.dtype), BLOCK_R=BR,
+    )
+
+
 def lora_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale: float, dx_mode: int):
     """(dx, dx_lora, dA, dB) of the fallback contract (``pyfastpeft.lora.torch_impl.bwd``)."""
     dx, dxl, g = bwd_dx(dy, weight, lora_a, lora_b, scale, dx_mode)  # g is rounded like PyTorch's
@@ -527,10 +903,10 @@ def _spec(name, kernel, ptrs, ints, strides, unit, cx, cfg, ty):
     constant 1, and sizes / leading strides are marked divisible by 16 (the JIT does both at launch)."""
     sig = {n: f"*{ty}" for n in ptrs}
     sig.update({n: "i32" for n in ints + strides})
-    sig.update({n: "fp32" for n in ("scale", "alpha") if n in kernel.arg_names})
+    sig.update({n: "fp32" for n in ("scale", "inv_scale", "alpha") if n in kernel.arg_names})
     sig.update({n: "constexpr" for n in cx})
     consts = dict(cx, **{n: 1 for n in unit})
-    div16 = [n for n in ints + strides if n not in unit and n not in ("M", "R", "P", "TILES_PER_PROG")]
+    div16 = [n for n in ints + strides if n not in unit and n not in ("M", "R", "P", "TILES_PER_PROG", "SPLIT")]
     return AOTSpec(name, kernel, sig, consts, cfg.num_warps, cfg.num_stages, meta={"divisible_by_16": div16})
 
 
@@ -561,13 +937,55 @@ def _dx_spec(ty, prec, BR, cfg, has_sel=False):
     return spec
 
 
-def _tn_spec(ty, prec, cfg, has_sel=False):
+def _tn_spec(ty, prec, cfg, has_sel=False, split=True):
+    """``split``: the split-M kernel (SPLIT > 1 at launch: fp32 partials); else SPLIT = 1, which the JIT
+    compiles as a constant (one slice, alpha and rounding in the kernel)."""
     kw = cfg.kwargs
     spec = _spec(
-        f"matmul_tn/{ty}/{kw['BLOCK_P']}x{kw['BLOCK_Q']}x{kw['BLOCK_M']}" + ("/sel" if has_sel else ""),
-        _matmul_tn_kernel, ["p_ptr", "q_ptr", "c_ptr", "sel_ptr"], ["M", "P", "Q", "M_BUCKET"],
+        f"matmul_tn/{ty}/{kw['BLOCK_P']}x{kw['BLOCK_Q']}x{kw['BLOCK_M']}" + ("/sel" if has_sel else "")
+        + ("" if split else "/nosplit"),
+        _matmul_tn_kernel, ["p_ptr", "q_ptr", "c_ptr", "sel_ptr"], ["M", "P", "Q", "M_BUCKET", "SPLIT"],
         ["stride_pm", "stride_pp", "stride_qm", "stride_qq", "stride_cp", "stride_cq"],
-        ["stride_pp", "stride_qq", "stride_cq"], dict(HAS_SEL=has_sel, UPCAST=False, PRECISION=prec, **kw), cfg, ty)
+        ["stride_pp", "stride_qq", "stride_cq"] + ([] if split else ["SPLIT"]),
+        dict(HAS_SEL=has_sel, UPCAST=False, PRECISION=prec, **kw), cfg, ty)
+    if has_sel:
+        spec.signature["sel_ptr"] = "*i1"
+    if split:
+        spec.signature["c_ptr"] = "*fp32"  # the partials
+    return spec
+
+
+def _tma_spec(name, kernel, descs, ptrs, ints, strides, unit, cx, cfg, ty):
+    """An AOTSpec of a Hopper kernel: ``descs`` maps each descriptor argument to its block shape (Triton's
+    ``tensordesc<dtype[rows, cols]>`` signature, as a launch with a host TensorDescriptor of that block shape
+    is compiled); the other arguments as :func:`_spec`. Only for sm_90a (``meta["archs"]``)."""
+    spec = _spec(name, kernel, ptrs, ints, strides, unit, cx, cfg, ty)
+    spec.signature.update({d: f"tensordesc<{ty}[{rows},{cols}]>" for d, (rows, cols) in descs.items()})
+    spec.meta["archs"] = ("sm_90a",)
+    return spec
+
+
+def _fwd_tma_spec(ty, BR, cfg):
+    kw = cfg.kwargs
+    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    return _tma_spec(
+        f"lora_fwd_tma/{ty}/r{BR}/{bm}x{bn}x{bk}/w{cfg.num_warps}", _lora_fwd_tma_kernel,
+        {"x_desc": (bm, bk), "xl_desc": (bm, bk), "w_desc": (bn, bk), "a_desc": (BR, bk), "b_desc": (bn, BR),
+         "y_desc": (bm, bn // 2), "u_desc": (bm, BR)},
+        ["bias_ptr"], ["M", "N", "K", "R", "M_BUCKET", "TILES_PER_PROG"], [], [],
+        dict(HAS_XL=False, HAS_BIAS=True, UPCAST=False, BLOCK_R=BR, PAD_R=False, **kw), cfg, ty)
+
+
+def _dx_tma_spec(ty, BR, cfg, has_sel=False):
+    kw = cfg.kwargs
+    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    spec = _tma_spec(
+        f"lora_bwd_dx_tma/{ty}/r{BR}/{bm}x{bn}x{bk}/w{cfg.num_warps}" + ("/sel" if has_sel else ""),
+        _lora_bwd_dx_tma_kernel,
+        {"dy_desc": (bm, bn), "w_desc": (bn, bk), "a_desc": (BR, bk), "b_desc": (bn, BR), "dx_desc": (bm, bk // 2),
+         "dxl_desc": (bm, bk // 2), "g_desc": (bm, BR)},
+        ["sel_ptr"], ["M", "N", "K", "R", "M_BUCKET", "TILES_PER_PROG"], [], [],
+        dict(DX_MODE=1, HAS_SEL=has_sel, UPCAST=False, BLOCK_R=BR, **kw), cfg, ty)
     if has_sel:
         spec.signature["sel_ptr"] = "*i1"
     return spec
@@ -586,8 +1004,17 @@ def _aot_specs() -> list[AOTSpec]:
                 if ty != "fp16":  # token-selective LoRA's variant (selected rows only in the g A term)
                     specs += [_dx_spec(ty, prec, BR, cfg, has_sel=True) for cfg in _DX_FAMILIES[cls, bucket]]
         specs += [_tn_spec(ty, prec, cfg) for cfg in _TN_FAMILIES[cls]]
+        specs += [_tn_spec(ty, prec, _TN_FAMILIES[cls][0], split=False)]
+        specs.append(_spec(f"tn_reduce/{ty}/{_TN_REDUCE_BLOCK}", _tn_reduce_kernel, ["c_ptr"], ["n", "SPLIT"], [], [],
+                           dict(BLOCK=_TN_REDUCE_BLOCK), triton.Config({}, num_warps=4, num_stages=1), ty))
+        specs[-1].signature["part_ptr"] = "*fp32"
         if ty != "fp16":  # token-selective LoRA's dA / dB over selected rows
             specs += [_tn_spec(ty, prec, cfg, has_sel=True) for cfg in _TN_FAMILIES[cls]]
+    for bucket in _RANK_BUCKETS:  # Hopper variants (sm_90a only), bf16 (fp16 is the same code)
+        for BR in ((16, 32) if bucket == 32 else (bucket,)):
+            specs += [_fwd_tma_spec("bf16", BR, cfg) for cfg in _FWD_TMA_FAMILIES[bucket]]
+            specs += [_dx_tma_spec("bf16", BR, cfg) for cfg in _DX_TMA_FAMILIES[bucket]]
+            specs += [_dx_tma_spec("bf16", BR, cfg, has_sel=True) for cfg in _DX_TMA_FAMILIES[bucket][:1]]
     return specs
 
 
