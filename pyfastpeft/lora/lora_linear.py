@@ -420,14 +420,18 @@ _TN_TILES = {"16": ((128, 64), (64, 128), (64, 64), (128, 128)), "fp32": ((128, 
 
 
 def _tn_launch(name, M, P, Q, dtype, s, selected=None):
-    """``matmul_tn`` reducing over M (or the ``selected`` rows), with its grid and L2 re-reads (gated LoRA too)."""
-    from pyfastpeft.triton_kernels.lora._lora_linear_cost import tn_cost
+    """``matmul_tn`` reducing over M (or the ``selected`` rows), with its grid and L2 re-reads (gated LoRA too).
+    The grid is the output tiles times the slices of M the launcher splits the reduction into
+    (``tn_split``, so that it fills every SM); the partials' traffic is in ``tn_cost``."""
+    from pyfastpeft.triton_kernels.lora._lora_linear_cost import tn_cost, tn_split
 
     bp, bq = max(_TN_TILES["16" if dtype in (torch.float16, torch.bfloat16) else "fp32"],
                  key=lambda t: cdiv(P, t[0]) * cdiv(Q, t[1]))
     rows = M if selected is None else selected
+    split = tn_split(M, P, Q, bp, bq)
     reread = l2_reread(cdiv(P, bp), cdiv(Q, bq), rows * bp * s, rows * bq * s)
-    return launch(name, tn_cost(M, P, Q, s, selected=selected), dtype, ctas=cdiv(P, bp) * cdiv(Q, bq), reread=reread)
+    return launch(name, tn_cost(M, P, Q, s, selected=selected, split=split), dtype,
+                  ctas=cdiv(P, bp) * cdiv(Q, bq) * split, reread=reread)
 
 
 def _dx_grid(M, N, K, s, dx_mode):

@@ -61,13 +61,17 @@ def _lora_bwd(M, K, N, R):
 
 
 # fwd: 128 x 128 tiles, tiles_per_prog N tiles a program (4 at Llama, 2 at ViT); matmul_tn: the widest grid
-@pytest.mark.parametrize("M,K,N,ctas_tn,ctas_fwd", [(8192, 4096, 4096, 64, 64 * 8), (64 * 197, 768, 768, 12, 99 * 3)])
-def test_lora_launches_declare_their_grids(M, K, N, ctas_tn, ctas_fwd, monkeypatch):
+# of output tiles (64 at Llama, 12 at ViT-B), times the slices of M its launcher splits the reduction into
+@pytest.mark.parametrize("M,K,N,tiles_tn,ctas_fwd", [(8192, 4096, 4096, 64, 64 * 8), (64 * 197, 768, 768, 12, 99 * 3)])
+def test_lora_launches_declare_their_grids(M, K, N, tiles_tn, ctas_fwd, monkeypatch):
     monkeypatch.setenv("PYFASTPEFT_TRITON_GEMM", "fused")  # the fused variant's kernels and grids
     ops = {o.name: o for o in _lora_bwd(M, K, N, 16).ops}
-    assert ops["triton:matmul_tn(dA)"].ctas == ctas_tn and ops["triton:matmul_tn(dB)"].ctas == ctas_tn
+    for name in ("triton:matmul_tn(dA)", "triton:matmul_tn(dB)"):
+        ctas = ops[name].ctas
+        assert ctas % tiles_tn == 0 and ctas // tiles_tn > 1 and ctas >= SMS, (name, ctas)  # split over M: full
     assert ops["triton:lora_fwd"].ctas == ctas_fwd
-    for name in ("triton:matmul_tn(dA)", "triton:matmul_tn(dB)"):  # memory-bound: the grid decides the time
-        capped, uncapped = perf.launch_time(ops[name])[0], perf.launch_time(dataclasses.replace(ops[name], ctas=None))[0]
-        assert capped >= uncapped and (capped > uncapped) == (2 * ctas_tn < SMS)
+    unsplit = dataclasses.replace(ops["triton:matmul_tn(dA)"], ctas=tiles_tn)
+    for op in (ops["triton:matmul_tn(dA)"], ops["triton:matmul_tn(dB)"], unsplit):  # the grid decides the time
+        capped, uncapped = perf.launch_time(op)[0], perf.launch_time(dataclasses.replace(op, ctas=None))[0]
+        assert capped >= uncapped and (capped > uncapped) == (2 * op.ctas < SMS)
         assert math.isfinite(capped)
