@@ -69,8 +69,14 @@ def _triton_fwd(*args):
     return _tk().lora_fwd(*args)
 
 
-def _triton_bwd(*args):
-    return _tk().lora_bwd(*args)
+def _triton_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode):
+    tk = _tk()
+    if x_lora.dim() != 1:
+        return tk.lora_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode)
+    # A frozen (x_lora of shape (0,)): the dx kernel (when dx is wanted) and the dB reduction, no dA
+    empty = lambda: dy.new_empty((0,))  # noqa: E731  (distinct tensors: custom-op outputs may not alias)
+    dx, dxl = tk.bwd_dx(dy, weight, lora_a, lora_b, scale, dx_mode)[:2] if dx_mode else (empty(), empty())
+    return dx, dxl, empty(), tk.matmul_tn(dy, u, scale)
 
 
 _CUDA_OPS = ("lora_shrink", "lora_expand_add_")
@@ -100,9 +106,11 @@ def _cuda_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale):
 
 def _cuda_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode):
     C = torch.ops.pyfastpeft_C
-    g = C.lora_shrink(dy, lora_b.t().contiguous())  # dy B  (M, R); Bᵀ is a tiny (R, N) copy
-    da = torch.mm(g.t(), x_lora).mul_(scale)
     db = torch.mm(dy.t(), u).mul_(scale)
+    if x_lora.dim() == 1 and dx_mode == 0:  # A frozen and no dx: dB only
+        return dy.new_empty((0,)), dy.new_empty((0,)), dy.new_empty((0,)), db
+    g = C.lora_shrink(dy, lora_b.t().contiguous())  # dy B  (M, R); Bᵀ is a tiny (R, N) copy
+    da = dy.new_empty((0,)) if x_lora.dim() == 1 else torch.mm(g.t(), x_lora).mul_(scale)
     if dx_mode == 0:
         return dy.new_empty((0,)), dy.new_empty((0,)), da, db
     at = lora_a.t().contiguous()  # (K, R)
@@ -148,8 +156,8 @@ def _(x, x_lora, weight, bias, lora_a, lora_b, scale, backend=None):
 def lora_linear_bwd(dy: Tensor, x_lora: Tensor, u: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
                     scale: float, dx_mode: int, backend: Optional[str] = None
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Primitive backward: ``(dx, dx_lora, dA, dB)``; see ``pyfastpeft.lora.torch_impl``. Autocast off, as
-    the forward."""
+    """Primitive backward: ``(dx, dx_lora, dA, dB)``; see ``pyfastpeft.lora.torch_impl``. An ``x_lora`` of
+    shape ``(0,)`` skips ``dA`` (returned as ``(0,)``: A frozen, as PSOFT's). Autocast off, as the forward."""
     with autocast_off(dy.device.type):
         impl = BWD.select(dy.device, dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode, backend=backend)
         return impl.fn(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode)
@@ -160,7 +168,7 @@ def _(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode, backend=None):
     M, K = dy.shape[0], weight.shape[1]
     dx = dy.new_empty((M, K) if dx_mode else (0,))
     dxl = dy.new_empty((M, K) if dx_mode == 2 else (0,))
-    return dx, dxl, dy.new_empty(lora_a.shape), dy.new_empty(lora_b.shape)
+    return dx, dxl, dy.new_empty((0,) if x_lora.dim() == 1 else lora_a.shape), dy.new_empty(lora_b.shape)
 
 
 class LoRALinearFn(torch.autograd.Function):
@@ -321,9 +329,12 @@ def _bwd_cost(args, kwargs, outputs):
     dy, x_lora, u, weight, lora_a = args[:5]
     dx_mode = args[7]
     (M, N), K, R, s = dy.shape, weight.shape[1], lora_a.shape[0], dy.element_size()
+    db = [launch("triton:matmul_tn(dB)", tn_cost(M, N, R, s), dy.dtype)]
+    if x_lora.dim() == 1:  # A frozen (PSOFT): no dA reduction; the dx kernel only when dx is wanted
+        return ([launch("triton:lora_bwd_dx", bwd_dx_cost(M, N, K, R, s, dx_mode=dx_mode), dy.dtype)]
+                if dx_mode else []) + db
     return [launch("triton:lora_bwd_dx", bwd_dx_cost(M, N, K, R, s, dx_mode=dx_mode), dy.dtype),
-            launch("triton:matmul_tn(dA)", tn_cost(M, R, K, s), dy.dtype),
-            launch("triton:matmul_tn(dB)", tn_cost(M, N, R, s), dy.dtype)]
+            launch("triton:matmul_tn(dA)", tn_cost(M, R, K, s), dy.dtype)] + db
 
 
 
