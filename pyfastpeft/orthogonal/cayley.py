@@ -15,7 +15,8 @@ work-dtype ``R`` (``G·b²`` values; the exact backward needs only ``R``, the Ne
 the powers from ``v``).
 
 Backends: ``triton`` (``pyfastpeft.triton_kernels.orthogonal.cayley``: the whole batch in one launch, one block per
-program, ``b ≤ 64`` exact, ``b ≤ 32`` Neumann), ``cuda`` (``pyfastpeft._C`` exact solve, when built), ``torch``
+program: exact forward ``b ≤ 128``, backward kernel ``b ≤ 64`` (two batched GEMMs from ``R`` above it),
+Neumann ``b ≤ 64``), ``cuda`` (``pyfastpeft._C`` exact solve, when built), ``torch``
 (``pyfastpeft.orthogonal.torch_impl``: batched LU inverse, the contract).
 """
 from __future__ import annotations

@@ -10,16 +10,18 @@ no dense ``Q`` in memory), pads it to ``BLOCK = max(16, next_pow2(b))`` with the
   by Gauss-Jordan *without pivoting*, then ``R = 2N⁻¹ − I``. No pivoting is needed: ``N``'s symmetric part
   is ``I``, and so is (at least) every Schur complement's, so each pivot is >= 1 and ``cond(N) <= 1 + ‖Q‖₂``.
   ``b`` steps of a rank-1 update on the register tile (``2b³`` FLOPs).
-* Neumann (``_cayley_neumann_fwd_kernel``): PEFT's series ``I + 2Q + … + 2Q^(d−1) + c_d Q^d`` by repeated
-  ``tl.dot`` in IEEE fp32 (TF32 would cost ~1e-3 relative error), with PSOFT's optional Frobenius rescale.
+* Neumann (``_cayley_neumann_fwd_kernel``): PEFT's series ``I + 2Q + … + 2Q^(d−1) + c_d Q^d`` in Horner form
+  (``d − 1`` products, as the powers) by ``tl.dot`` in IEEE fp32 (TF32 would cost ~1e-3 relative error), with PSOFT's optional Frobenius rescale.
 * backward: exact ``dQ = −σ ½ (Rᵀ + I) dR (Rᵀ + I)`` from the saved ``R`` (no second solve); Neumann by a
   reverse Horner recursion ``S ← 2I + QᵀS``, ``W ← dR S + QᵀW`` (three products per degree), then the eps
   chain; ``dv = (dQ − dQᵀ)[i < j]`` scattered back to the packed layout.
 
-Limits: ``2 <= b <= 64`` for the exact transform, ``b <= 32`` for Neumann (its chained IEEE-fp32 ``tl.dot``
-spill at BLOCK=64 on sm_80/sm_90a, per the compile report; 128 would spill everywhere). Larger blocks
-(PSOFT's ``r`` up to 256+) go to the ``torch`` backend (batched LU) or the CUDA kernel (``b <= 128``, shared
-memory): the registry's ``supports`` says so. fp64 ``v`` also goes to ``torch``.
+Limits: exact forward ``2 <= b <= 128`` (one Gauss-Jordan tile), exact backward ``b <= 64`` (its two register
+``tl.dot`` spill at 128; the registry's triton backend runs two batched GEMMs from ``R`` there), Neumann
+``b <= 64``: register ``tl.dot`` up to BLOCK 32, and at BLOCK 64 the ``*_ws`` kernels, whose products are
+rank-1 updates through a per-program fp32 workspace (the dot chains spill at 64 on sm_80/sm_90a, per the
+compile report). Larger blocks (PSOFT's ``r`` up to 256+) go to the ``torch`` backend (batched LU) or the CUDA
+kernel (``b <= 128``, shared memory): the registry's ``supports`` says so. fp64 ``v`` also goes to ``torch``.
 Under the interpreter everything is fp32 already (no bf16 ``tl.dot``), so no upcast switch is needed.
 """
 from __future__ import annotations
