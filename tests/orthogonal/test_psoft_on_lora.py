@@ -4,7 +4,6 @@ here (the Triton LoRA kernels under the interpreter take r <= 128; r = 256 runs 
 forced ``triton`` raises), fp32 / fp16 / bf16 and fp64 on torch, exact and Neumann (with and without the eps
 rescale), vectors on and off, odd M, 3-D and non-contiguous x: forward and every gradient against the fp64
 reference and against PEFT's own ``psoft.Linear``; saved activations no more than LoRA's (``u`` only)."""
-import copy
 import warnings
 
 import pytest
