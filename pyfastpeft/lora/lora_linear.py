@@ -95,8 +95,18 @@ TRITON_VARIANTS = ("vendor", "fused")  # in preference order: a tie in a measure
 STATIC_VARIANT = "vendor"
 _TRITON_IMPLS = {
     "lora_linear_fwd": {"vendor": lambda *a: _rk().lora_fwd(*a), "fused": lambda *a: _tk().lora_fwd(*a)},
-    "lora_linear_bwd": {"vendor": lambda *a: _rk().lora_bwd(*a), "fused": lambda *a: _tk().lora_bwd(*a)},
+    "lora_linear_bwd": {"vendor": lambda *a: _rk().lora_bwd(*a), "fused": lambda *a: _fused_bwd(*a)},
 }
+
+
+def _fused_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode):
+    tk = _tk()
+    if x_lora.dim() != 1:
+        return tk.lora_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode)
+    # A frozen (x_lora of shape (0,)): the dx kernel (when dx is wanted) and the dB reduction, no dA
+    empty = lambda: dy.new_empty((0,))  # noqa: E731  (distinct tensors: custom-op outputs may not alias)
+    dx, dxl = tk.bwd_dx(dy, weight, lora_a, lora_b, scale, dx_mode)[:2] if dx_mode else (empty(), empty())
+    return dx, dxl, empty(), tk.matmul_tn(dy, u, scale)
 
 
 def triton_gemm_setting() -> str:
@@ -180,9 +190,11 @@ def _cuda_fwd(x, x_lora, weight, bias, lora_a, lora_b, scale):
 
 def _cuda_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode):
     C = torch.ops.pyfastpeft_C
-    g = C.lora_shrink(dy, lora_b.t().contiguous())  # dy B  (M, R); Bᵀ is a tiny (R, N) copy
-    da = torch.mm(g.t(), x_lora).mul_(scale)
     db = torch.mm(dy.t(), u).mul_(scale)
+    if x_lora.dim() == 1 and dx_mode == 0:  # A frozen and no dx: dB only
+        return dy.new_empty((0,)), dy.new_empty((0,)), dy.new_empty((0,)), db
+    g = C.lora_shrink(dy, lora_b.t().contiguous())  # dy B  (M, R); Bᵀ is a tiny (R, N) copy
+    da = dy.new_empty((0,)) if x_lora.dim() == 1 else torch.mm(g.t(), x_lora).mul_(scale)
     if dx_mode == 0:
         return dy.new_empty((0,)), dy.new_empty((0,)), da, db
     at = lora_a.t().contiguous()  # (K, R)
@@ -230,8 +242,8 @@ def _(x, x_lora, weight, bias, lora_a, lora_b, scale, backend=None):
 def lora_linear_bwd(dy: Tensor, x_lora: Tensor, u: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
                     scale: float, dx_mode: int, backend: Optional[str] = None
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Primitive backward: ``(dx, dx_lora, dA, dB)``; see ``pyfastpeft.lora.torch_impl``. Autocast off, as
-    the forward."""
+    """Primitive backward: ``(dx, dx_lora, dA, dB)``; see ``pyfastpeft.lora.torch_impl``. An ``x_lora`` of
+    shape ``(0,)`` skips ``dA`` (returned as ``(0,)``: A frozen, as PSOFT's). Autocast off, as the forward."""
     with autocast_off(dy.device.type):
         impl = BWD.select(dy.device, dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode, backend=backend)
         return impl.fn(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode)
@@ -242,7 +254,7 @@ def _(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode, backend=None):
     M, K = dy.shape[0], weight.shape[1]
     dx = dy.new_empty((M, K) if dx_mode else (0,))
     dxl = dy.new_empty((M, K) if dx_mode == 2 else (0,))
-    return dx, dxl, dy.new_empty(lora_a.shape), dy.new_empty(lora_b.shape)
+    return dx, dxl, dy.new_empty((0,) if x_lora.dim() == 1 else lora_a.shape), dy.new_empty(lora_b.shape)
 
 
 class LoRALinearFn(torch.autograd.Function):
@@ -479,12 +491,19 @@ def _bwd_cost(args, kwargs, outputs):
     sp_x = rc.split_counts(M, K, bm, bk, rc.H100_SMS, rc.X_WEIGHTS)
     out = [launch("triton:lora_rank_bwd_dy", rc.rank_bwd_dy_cost(M, N, R, s, split=sp_dy, block_n=bn), dy.dtype,
                   ctas=sp_dy[0] * sp_dy[1])]
-    if dx_mode or x_lora.dim() != 1:
+    if x_lora.dim() == 1:  # A frozen (PSOFT): dB from its partials; g A by cuBLAS when dx is wanted
+        out.append(launch("torch:sum(dB partials)", rc.reduce_cost(s, (sp_dy[0], N, R)), dy.dtype,
+                          tensor_core=False))
+        if dx_mode:
+            out.append(launch("torch:sum(g partials)", rc.reduce_cost(s, (sp_dy[1], M, R)), dy.dtype,
+                              tensor_core=False))
+            out.append(launch("cublas:mm(g A)", rc.cublas_addmm_cost(M, K, R, s, beta=False), dy.dtype))
+    else:
         out.append(launch("triton:lora_rank_bwd_x", rc.rank_bwd_x_cost(M, K, R, s, split=sp_x, g_parts=sp_dy[1],
                                                                       dx=dx_mode != 0), dy.dtype,
                           ctas=sp_x[0] * sp_x[1]))
-    out.append(launch("triton:lora_rank_reduce(dB,dA)", rc.reduce_cost(s, (sp_dy[0], N, R), (sp_x[0], R, K)),
-                      dy.dtype, tensor_core=False))
+        out.append(launch("triton:lora_rank_reduce(dB,dA)", rc.reduce_cost(s, (sp_dy[0], N, R), (sp_x[0], R, K)),
+                          dy.dtype, tensor_core=False))
     if dx_mode == 1:
         out.append(launch("cublas:addmm(C=dx)", rc.cublas_addmm_cost(M, K, N, s), dy.dtype))
     elif dx_mode == 2:

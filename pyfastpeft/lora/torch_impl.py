@@ -11,8 +11,10 @@ Backward, with ``g = scale · dy B (M, R)``:
     dx = dy W + g A         (dx_mode 1: one tensor)
     dx = dy W,  dx_lora = g A   (dx_mode 2: dropout, the LoRA part flows back through the mask)
     dA = gᵀ x_lora,  dB = scale · dyᵀ u
-``dx_mode`` 0 skips the input gradient entirely (x does not require grad). Outputs that are not computed
-come back as empty ``(0,)`` tensors (custom ops return tensors, never None).
+``dx_mode`` 0 skips the input gradient entirely (x does not require grad). An ``x_lora`` of shape ``(0,)``
+(1-D, empty) means ``A`` is frozen: the ``dA`` reduction is skipped and nothing of size M × K was saved for it
+(PSOFT runs on these primitives that way: ``pyfastpeft.orthogonal.psoft_linear``). Outputs that are not
+computed come back as empty ``(0,)`` tensors (custom ops return tensors, never None).
 """
 from __future__ import annotations
 
@@ -35,9 +37,12 @@ def fwd(x: Tensor, x_lora: Optional[Tensor], weight: Tensor, bias: Optional[Tens
 
 def bwd(dy: Tensor, x_lora: Tensor, u: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
         dx_mode: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    g = torch.mm(dy, lora_b).mul_(scale)
-    da = torch.mm(g.t(), x_lora)
     db = torch.mm(dy.t(), u).mul_(scale)
+    skip_da = x_lora.dim() == 1  # A frozen: no dA reduction (and no g when dx is not wanted either)
+    if skip_da and dx_mode == 0:
+        return empty_out((0,), like=dy), empty_out((0,), like=dy), empty_out((0,), like=dy), db
+    g = torch.mm(dy, lora_b).mul_(scale)
+    da = empty_out((0,), like=dy) if skip_da else torch.mm(g.t(), x_lora)
     if dx_mode == 0:  # custom-op outputs may not alias each other: two distinct empty tensors
         return empty_out((0,), like=dy), empty_out((0,), like=dy), da, db
     if dx_mode == 1:  # g A first, then dy W onto it as the base GEMM's C operand (as in the forward)

@@ -15,7 +15,8 @@ work-dtype ``R`` (``G·b²`` values; the exact backward needs only ``R``, the Ne
 the powers from ``v``).
 
 Backends: ``triton`` (``pyfastpeft.triton_kernels.orthogonal.cayley``: the whole batch in one launch, one block per
-program, ``b ≤ 64`` exact, ``b ≤ 32`` Neumann), ``cuda`` (``pyfastpeft._C`` exact solve, when built), ``torch``
+program: exact forward ``b ≤ 128``, backward kernel ``b ≤ 64`` (two batched GEMMs from ``R`` above it),
+Neumann ``b ≤ 64``), ``cuda`` (``pyfastpeft._C`` exact solve, when built), ``torch``
 (``pyfastpeft.orthogonal.torch_impl``: batched LU inverse, the contract).
 """
 from __future__ import annotations
@@ -39,8 +40,11 @@ from pyfastpeft.core.amp import amp_bwd, amp_fwd, autocast_off
 
 METHODS = ("exact", "neumann")
 CONVENTIONS = ("minus", "plus")
-MAX_TRITON_BLOCK = 64  # one b×b block per program in registers; larger blocks use the torch/cuda path
-MAX_TRITON_BLOCK_NEUMANN = 32  # the chained-dot Neumann kernels spill at BLOCK=64 (compile report)
+# one b×b block per program in registers (the kernels' MAX_B / MAX_B_NEUMANN, checked spill-free by the compile
+# report); larger blocks use the torch/cuda path
+MAX_TRITON_BLOCK = 128  # exact forward
+MAX_TRITON_BLOCK_BWD = 64  # exact backward kernel (above it the triton backend runs two batched GEMMs from R)
+MAX_TRITON_BLOCK_NEUMANN = 64
 
 FWD = OpRegistry("cayley_fwd", public="cayley", order=("cuda", "triton", "torch"))
 BWD = OpRegistry("cayley_bwd", public="cayley", order=("cuda", "triton", "torch"))
@@ -68,7 +72,15 @@ def _triton_fwd(v, block_size, method, convention, terms, eps):
     return _tk().cayley_fwd(v, block_size, method, convention, terms, eps)
 
 
+def _exact_bwd_in_torch(b: int, method: str) -> bool:
+    """Exact blocks above 64: the backward is two batched GEMMs from the saved R (the torch backward, on the
+    GPU), so a forced ``triton`` still covers forward and backward."""
+    return method == "exact" and b > MAX_TRITON_BLOCK_BWD
+
+
 def _triton_bwd(dR, v, R, block_size, method, convention, terms, eps):
+    if _exact_bwd_in_torch(block_size, method):
+        return _fallback.cayley_bwd(dR, v, R, block_size, method, convention, terms, eps)
     return _tk().cayley_bwd(dR, v, R, block_size, method, convention, terms, eps)
 
 
@@ -233,9 +245,8 @@ def explain_args(v, block_size, *, method="exact", convention="minus", terms=5, 
 
 
 # --------------------------------------------------------------------------------------------- cost model
-def _triton_runs(v, b: int, method: str) -> bool:
-    limit = MAX_TRITON_BLOCK if method == "exact" else MAX_TRITON_BLOCK_NEUMANN
-    return 2 <= b <= limit and v.dtype != torch.float64
+def _triton_runs(v, b: int, method: str, bwd: bool = False) -> bool:
+    return _triton_supports(v, b, method) is None and not (bwd and _exact_bwd_in_torch(b, method))
 
 
 def _fwd_cost(args, kwargs, outputs):
@@ -254,7 +265,7 @@ def _bwd_cost(args, kwargs, outputs):
     from pyfastpeft.triton_kernels.orthogonal._cayley_cost import cayley_bwd_cost
 
     dR, v, R, b, method, convention, terms, eps = args[:8]
-    if not _triton_runs(v, b, method):
+    if not _triton_runs(v, b, method, bwd=True):
         return count_torch(_fallback.cayley_bwd, dR, v, R, b, method, convention, terms, eps)
     c = cayley_bwd_cost(v.shape[0], b, method, terms, v.element_size())
     return [launch("triton:cayley_bwd", c, torch.float32)]

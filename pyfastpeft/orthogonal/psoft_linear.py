@@ -8,15 +8,22 @@
 Shapes: ``x (..., K)``, ``weight (N, K)`` frozen, ``psoft_a (r, K)`` and ``psoft_b (N, r)`` frozen,
 ``psoft_v (r(r−1)/2,)`` (PEFT's ``psoft_R.weight``) or ``(1, r(r−1)/2)``, ``vector_a``/``vector_b``
 ``(r,)`` or None, ``s = psoft_alpha / r``.
-Saved for backward: ``u (M, r)`` only (W, A, B are frozen and re-read; ``R'`` is ``r × r``).
-Backward: ``g = dy B``; ``dR' = s gᵀ u``; ``dx = dy W + s (g (R' − I)) A``; ``R'``'s gradient flows to the
-vectors and through the Cayley op to ``psoft_v``.
-Dtypes: the GEMMs run in the compute dtype (x's, or the autocast dtype: the public function casts ``x``,
-``weight``, ``bias``, ``A`` and ``B`` to it), ``R'`` and ``dR'`` in fp32; the primitives run with autocast
-off and the backward replays the forward's autocast state (``docs/orthogonal.md`` §7).
+Runs on the LoRA primitives (``pyfastpeft::lora_linear_fwd/bwd``): PSOFT is LoRA with ``A`` frozen and
+``B' = s · B (R' − I)`` (an ``N × r`` product in the work dtype, then cast to the compute dtype):
 
-Backends of ``pyfastpeft::psoft_linear_fwd/bwd``: ``torch`` (``pyfastpeft.orthogonal.torch_impl``). The
-fused shrink → rotation → expand Triton path is not written yet: forcing ``triton``/``cuda`` raises.
+    y, u         = lora_linear_fwd(x, None, W, bias, A, B', 1)
+    dx, dL/dB'   = lora_linear_bwd(dy, <no x>, u, W, A, B', 1)     (dx = dy W + (dy B') A, dL/dB' = dyᵀ u)
+    dR'          = s · Bᵀ (dL/dB')                                  (r × N · N × r, work dtype)
+
+The backward passes an empty ``x_lora`` so the LoRA backward skips its ``dA`` reduction (``A`` is frozen).
+Saved for backward: ``u (M, r)`` (what LoRA saves but ``x``), and the parameter-sized ``B'``; ``W``, ``A``,
+``B`` are frozen and re-read. ``R'``'s gradient flows to the vectors and through the Cayley op to
+``psoft_v``. Whatever backend LoRA's dispatch picks runs PSOFT too (``backend`` is passed through;
+``pfp.explain("psoft_linear", ...)`` shows LoRA's decision), so the two GEMMs of size tokens × features stay
+on the vendor library or the fused LoRA kernels exactly as for LoRA.
+Dtypes: the GEMMs run in the compute dtype (x's, or the autocast dtype: the public function casts ``x``,
+``weight``, ``bias``, ``A`` and ``B`` to it), ``R'``, ``B'`` (before its cast) and ``dR'`` in the work dtype
+(fp32; fp64 for fp64 ``x``), with autocast off inside the Function (``docs/orthogonal.md`` §7).
 """
 from __future__ import annotations
 
@@ -25,74 +32,56 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pyfastpeft.core.backend import Backend, OpRegistry
-from pyfastpeft.core.cost import torch_path_cost
-from pyfastpeft.orthogonal import torch_impl as _fallback
+from pyfastpeft.core.backend import REGISTRIES, _env_choice
+from pyfastpeft.lora import lora_linear as _lora
 from pyfastpeft.orthogonal.cayley import cayley_work, validate_cayley_args
 from pyfastpeft.core.checks import (autocast_on, check_bias, check_same_device, check_scalar, check_tensor,
                                      compute_dtype)
 from pyfastpeft.core.dtypes import acc_dtype
-from pyfastpeft.core.amp import amp_bwd, amp_fwd, autocast_off
+from pyfastpeft.core.amp import autocast_off
 
-FWD = OpRegistry("psoft_linear_fwd", public="psoft_linear")
-BWD = OpRegistry("psoft_linear_bwd", public="psoft_linear")
-
-FWD.register(Backend("torch", _fallback.psoft_fwd, devices=lambda: ("cpu", "cuda")))
-BWD.register(Backend("torch", _fallback.psoft_bwd, devices=lambda: ("cpu", "cuda")))
+# PSOFT has no registry of its own: its backends are LoRA's (``pfp.available_backends("psoft_linear")``)
+REGISTRIES.setdefault("psoft_linear_fwd", _lora.FWD)
+REGISTRIES.setdefault("psoft_linear_bwd", _lora.BWD)
 
 
-@torch.library.custom_op("pyfastpeft::psoft_linear_fwd", mutates_args=())
-def psoft_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], psoft_a: Tensor, psoft_b: Tensor,
-                     Rp: Tensor, scale: float, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
-    """Primitive forward on 2-D ``x (M, K)``: ``(y (M, N), u (M, r))`` in x's dtype. Every tensor but ``Rp``
-    arrives in the compute dtype; the backend runs with autocast off."""
-    with autocast_off(x.device.type):
-        impl = FWD.select(x.device, x, weight, bias, psoft_a, psoft_b, Rp, scale, backend=backend)
-        return impl.fn(x, weight, bias, psoft_a, psoft_b, Rp, scale)
-
-
-@psoft_linear_fwd.register_fake
-def _(x, weight, bias, psoft_a, psoft_b, Rp, scale, backend=None):
-    M = x.shape[0]
-    return x.new_empty((M, weight.shape[0])), x.new_empty((M, psoft_a.shape[0]))
-
-
-@torch.library.custom_op("pyfastpeft::psoft_linear_bwd", mutates_args=())
-def psoft_linear_bwd(dy: Tensor, u: Tensor, weight: Tensor, psoft_a: Tensor, psoft_b: Tensor, Rp: Tensor,
-                     scale: float, need_dx: bool, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
-    """Primitive backward: ``(dx (M, K) or (0,), dR' (r, r))`` (autocast off, as the forward)."""
-    with autocast_off(dy.device.type):
-        impl = BWD.select(dy.device, dy, u, weight, psoft_a, psoft_b, Rp, scale, need_dx, backend=backend)
-        return impl.fn(dy, u, weight, psoft_a, psoft_b, Rp, scale, need_dx)
-
-
-@psoft_linear_bwd.register_fake
-def _(dy, u, weight, psoft_a, psoft_b, Rp, scale, need_dx, backend=None):
-    return dy.new_empty((dy.shape[0], weight.shape[1]) if need_dx else (0,)), Rp.new_empty(Rp.shape)
+def psoft_delta_b(psoft_b: Tensor, Rp: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """``B' = s · B (R' − I)`` ``(N, r)``: computed in ``Rp``'s (work) dtype, returned in ``dtype``."""
+    r = Rp.shape[0]
+    D = Rp - torch.eye(r, dtype=Rp.dtype, device=Rp.device)
+    return torch.mm(psoft_b.to(Rp.dtype), D).mul_(scale).to(dtype)
 
 
 class PSOFTLinearFn(torch.autograd.Function):
-    """Autograd glue on 2-D ``x``; ``Rp`` is ``diag(vector_b) R diag(vector_a)`` in the work dtype."""
+    """Autograd glue on 2-D ``x``; ``Rp`` is ``diag(vector_b) R diag(vector_a)`` in the work dtype. Every
+    other tensor arrives in the compute dtype; the LoRA primitives run with autocast off, and so do the two
+    rank-r products here (fp32 on purpose), forward and backward."""
 
     @staticmethod
-    @amp_fwd
     def forward(ctx, x, weight, bias, psoft_a, psoft_b, Rp, scale, backend):
-        y, u = torch.ops.pyfastpeft.psoft_linear_fwd(x, weight, bias, psoft_a, psoft_b, Rp, scale, backend)
+        with autocast_off(x.device.type):
+            Bp = psoft_delta_b(psoft_b, Rp, scale, x.dtype)
+            y, u = torch.ops.pyfastpeft.lora_linear_fwd(x, None, weight, bias, psoft_a, Bp, 1.0, backend)
         ctx.scale, ctx.backend = scale, backend
         ctx.bias_grad = bias is not None and ctx.needs_input_grad[2]
-        ctx.save_for_backward(u, weight, psoft_a, psoft_b, Rp)
+        ctx.save_for_backward(u, weight, psoft_a, psoft_b, Bp)  # u only of size M: x is not saved
+        ctx.work_dtype = Rp.dtype
         return y
 
     @staticmethod
-    @amp_bwd
     def backward(ctx, dy):
-        u, weight, psoft_a, psoft_b, Rp = ctx.saved_tensors
+        u, weight, psoft_a, psoft_b, Bp = ctx.saved_tensors
         need_dx = bool(ctx.needs_input_grad[0])
-        dx, dRp = torch.ops.pyfastpeft.psoft_linear_bwd(dy.contiguous(), u, weight, psoft_a, psoft_b, Rp,
-                                                        ctx.scale, need_dx, ctx.backend)
-        dbias = dy.sum(0, dtype=acc_dtype(dy.dtype)).to(dy.dtype) if ctx.bias_grad else None
-        return (dx if need_dx else None, None, dbias, None, None, dRp if ctx.needs_input_grad[5] else None,
-                None, None)
+        with autocast_off(dy.device.type):
+            no_x = dy.new_empty((0,))  # x_lora of shape (0,): A frozen, the LoRA backward skips dA
+            dx, _, _, dBp = torch.ops.pyfastpeft.lora_linear_bwd(dy.contiguous(), no_x, u, weight, psoft_a, Bp,
+                                                                 1.0, 1 if need_dx else 0, ctx.backend)
+            dRp = None
+            if ctx.needs_input_grad[5]:
+                wd = ctx.work_dtype
+                dRp = torch.mm(psoft_b.to(wd).t(), dBp.to(wd)).mul_(ctx.scale)  # s · Bᵀ (dyᵀ u)
+            dbias = dy.sum(0, dtype=acc_dtype(dy.dtype)).to(dy.dtype) if ctx.bias_grad else None
+        return dx if need_dx else None, None, dbias, None, None, dRp, None, None
 
 
 def validate_psoft_args(x, weight, bias, psoft_a, psoft_b, psoft_v, vector_a, vector_b, scale, method, terms,
@@ -163,7 +152,11 @@ def psoft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], psoft_a: Ten
             naming ``scale``).
         method: ``"exact"`` (``(I + Q)(I − Q)⁻¹``, fp32 solve) or ``"neumann"`` (PEFT's series, ``terms``
             terms, optional rescale ``eps`` = PEFT's ``cayley_neumann_eps``).
-        backend: ``"torch" | None`` (auto) for the layer op (the Cayley transform picks its own fastest).
+        backend: ``"cuda" | "triton" | "torch" | None`` (auto): the LoRA primitives' backend (PSOFT runs on
+            them; ``PYFASTPEFT_BACKEND=psoft_linear=...`` also works). The Cayley transform picks its own
+            fastest, except that ``"torch"`` forces it too. A forced backend that cannot run raises
+            :class:`pyfastpeft.BackendUnavailable` (e.g. ``"triton"`` for fp64, or for ``r`` above the LoRA
+            kernels' rank limit).
 
     Returns:
         ``(..., N)`` in the compute dtype: x's, or under ``torch.autocast`` the autocast dtype (what
@@ -178,6 +171,8 @@ def psoft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], psoft_a: Ten
     gradients of ``psoft_v`` and of the vectors are NaN.
     """
     validate_psoft_args(x, weight, bias, psoft_a, psoft_b, psoft_v, vector_a, vector_b, scale, method, terms, eps)
+    if backend is None:  # a per-op environment choice for psoft_linear (LoRA's own is read by its registry)
+        backend = _env_choice("psoft_linear_fwd", "psoft_linear")
     dt = compute_dtype(x)
     r = psoft_a.shape[0]
     Rp = psoft_rotation(psoft_v, r, vector_a, vector_b, method, terms, eps, backend if backend == "torch" else None)
@@ -192,14 +187,16 @@ def psoft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], psoft_a: Ten
 
 def explain_args(x, weight, bias, psoft_a, psoft_b, psoft_v, vector_a, vector_b, scale, *, method="exact",
                  terms=5, eps=None, backend=None):
-    """Map public arguments to the forward primitive's (for ``pfp.explain``)."""
-    r = psoft_a.shape[0]
-    Rp = torch.empty((r, r), device=x.device, dtype=torch.float32)
-    return FWD, x.device, (x.reshape(-1, x.shape[-1]), weight, bias, psoft_a, psoft_b, Rp, float(scale)), backend
+    """Map public arguments to the LoRA forward primitive's (for ``pfp.explain``): PSOFT runs on it."""
+    if backend is None:
+        backend = _env_choice("psoft_linear_fwd", "psoft_linear")
+    dt = compute_dtype(x)
+    Bp = torch.empty(psoft_b.shape, device=x.device, dtype=dt)
+    b = None if bias is None else bias.to(dt)
+    return (_lora.FWD, x.device, (x.to(dt).reshape(-1, x.shape[-1]), None, weight.to(dt), b, psoft_a.to(dt), Bp,
+                                  1.0), backend)
 
 
-# declared costs, registered by the performance model (pfp.perf) when it is imported
-COSTS = {
-    "pyfastpeft::psoft_linear_fwd": torch_path_cost(_fallback.psoft_fwd),
-    "pyfastpeft::psoft_linear_bwd": torch_path_cost(_fallback.psoft_bwd),
-}
+# PSOFT declares no costs of its own: ``pfp.perf`` counts the LoRA primitives' declared launches and the two
+# small rank-r products above op by op
+COSTS: dict = {}

@@ -1,7 +1,8 @@
-"""``torch`` backend of the orthogonal family: batched Cayley, OFT linear, PSOFT linear.
+"""``torch`` backend of the orthogonal family: batched Cayley and OFT linear.
 
-The contract every backend of ``cayley_fwd/bwd``, ``oft_linear_fwd/bwd`` and ``psoft_linear_fwd/bwd``
-implements (``docs/orthogonal.md``).
+The contract every backend of ``cayley_fwd/bwd`` and ``oft_linear_fwd/bwd`` implements
+(``docs/orthogonal.md``). PSOFT linear has no backend of its own: it runs on the LoRA primitives
+(``pyfastpeft.orthogonal.psoft_linear``), whose ``torch`` backend is ``pyfastpeft.lora.torch_impl``.
 
 Cayley. ``v (G, n)``, ``n = b(b−1)/2``, packed strict upper triangle (row-major
 ``torch.triu_indices(b, b, 1)``), ``Q = S(v) − S(v)ᵀ``. Everything runs in the *work dtype*: fp32, or
@@ -29,9 +30,6 @@ Backward, weight side: ``dx = dy W'`` (the frozen layer's dgrad), ``E_g = x_gᵀ
 a batched inverse for the Neumann series). Input side, or no ``dx`` wanted: ``d = dy W``,
 ``dR_g = x_gᵀ d_g``, ``dx_g = d_g R_gᵀ``. ``dR`` is summed over g when one block is shared.
 
-PSOFT linear on 2-D ``x``: ``u = x Aᵀ``, ``D = R' − I``, ``y = x Wᵀ + bias + s · (u Dᵀ) Bᵀ``
-(equal to PEFT's ``s · (u R'ᵀ − u) Bᵀ``, without its cancellation). Saved: ``u (M, r)`` only.
-Backward with ``g = dy B``: ``dR' = s gᵀ u``, ``dx = dy W + s (g D) A``.
 """
 from __future__ import annotations
 
@@ -246,29 +244,3 @@ def oft_bwd(dy: Tensor, x: Tensor, weight: Tensor, R: Tensor, need_dx: bool,
         dR = dR.sum(0, keepdim=True)
     dx = _rotate(d, R, transpose=True).to(x.dtype) if need_dx else empty_out((0,), like=dy)
     return dx, dR
-
-
-# --------------------------------------------------------------------------------------------- PSOFT
-def psoft_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], psoft_a: Tensor, psoft_b: Tensor, Rp: Tensor,
-              scale: float) -> tuple[Tensor, Tensor]:
-    """``(y (M, N), u (M, r))`` in x's dtype; ``Rp (r, r)`` = diag(vector_b) R diag(vector_a)."""
-    r = psoft_a.shape[0]
-    u = torch.mm(x, psoft_a.t())
-    D = (Rp - torch.eye(r, dtype=Rp.dtype, device=Rp.device)).to(x.dtype)
-    y = _linear(x, weight, bias)
-    y.addmm_(torch.mm(u, D.t()), psoft_b.t(), alpha=scale)
-    return y, u
-
-
-def psoft_bwd(dy: Tensor, u: Tensor, weight: Tensor, psoft_a: Tensor, psoft_b: Tensor, Rp: Tensor, scale: float,
-              need_dx: bool) -> tuple[Tensor, Tensor]:
-    """``(dx (M, K) or (0,), dRp (r, r))``; dRp in Rp's dtype."""
-    r = psoft_a.shape[0]
-    g = torch.mm(dy, psoft_b)  # (M, r)
-    dRp = torch.mm(g.t().to(Rp.dtype), u.to(Rp.dtype)).mul_(scale)
-    if not need_dx:
-        return empty_out((0,), like=dy), dRp
-    D = (Rp - torch.eye(r, dtype=Rp.dtype, device=Rp.device)).to(dy.dtype)
-    dx = torch.mm(dy, weight)
-    dx.addmm_(torch.mm(g, D), psoft_a, alpha=scale)
-    return dx, dRp

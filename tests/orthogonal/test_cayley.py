@@ -39,7 +39,8 @@ def _grad_check(backend, v64, b, dtype=torch.float32, **kw):
 # reductions); ``reduction`` below is the longest chain of rounded sums behind each result.
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("convention", ["minus", "plus"])
-@pytest.mark.parametrize("G,b,q", [(3, 2, 0.5), (4, 5, 1.0), (5, 16, 2.0), (2, 33, 1.0), (2, 64, 3.0)])
+@pytest.mark.parametrize("G,b,q", [(3, 2, 0.5), (4, 5, 1.0), (5, 16, 2.0), (2, 33, 1.0), (2, 64, 3.0),
+                                   (2, 100, 1.0), (1, 128, 2.0)])
 def test_cayley_exact_vs_reference(backend, convention, G, b, q):
     R, R64, dv, dv64 = _grad_check(backend, _v(G, b, q, seed=b), b, method="exact", convention=convention)
     assert R.dtype == torch.float32
@@ -66,6 +67,36 @@ def test_cayley_neumann_eps_rescale(backend, eps):
     R, R64, dv, dv64 = _grad_check(backend, _v(4, b, 2.0, seed=11), b, method="neumann", terms=6, eps=eps)
     assert compare(R, R64, reduction=b * 6).ok
     assert compare(dv, dv64, reduction=b * 36).ok
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b,terms,eps", [(40, 5, None), (64, 6, 0.9), (64, 3, None), (64, 2, None)])
+def test_cayley_neumann_large_blocks(backend, b, terms, eps):
+    """Blocks above 32 (the Triton kernels' workspace path: products as rank-1 updates through memory)."""
+    R, R64, dv, dv64 = _grad_check(backend, _v(2, b, 1.2, seed=b + terms), b, method="neumann", terms=terms, eps=eps)
+    v = compare(R, R64, reduction=b * terms)
+    assert v.ok, f"R: {v}"
+    v = compare(dv, dv64, reduction=b * terms * terms)
+    assert v.ok, f"dv: {v}"
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend's dispatch")
+def test_cayley_triton_limits():
+    """Triton: exact forward to b = 128 (one launch), exact backward kernel to 64 (above it the triton backend
+    runs two batched GEMMs from the saved R), Neumann to 64 both ways (one launch each); beyond, torch."""
+    from pyfastpeft.orthogonal import cayley as cy
+
+    for b, method, fwd, bwd in ((128, "exact", "triton:cayley_fwd", "aten.bmm"),
+                                (64, "exact", "triton:cayley_fwd", "triton:cayley_bwd"),
+                                (64, "neumann", "triton:cayley_fwd", "triton:cayley_bwd"),
+                                (65, "neumann", None, None), (129, "exact", None, None)):
+        v = torch.zeros(2, b * (b - 1) // 2, requires_grad=True)
+        want = "triton" if fwd else "torch"
+        assert cy.FWD.explain(torch.device("cpu"), v, b, method, "minus", 5, None).chosen == want, (b, method)
+        if fwd:
+            c = pfp.perf.count(lambda t: pfp.cayley(t, b, method=method, backend="triton"), v, mode="fwd+bwd")
+            assert [o.name for o in c.phase("fwd").ops] == [fwd], (b, method)
+            assert bwd in [o.name for o in c.phase("bwd").ops], (b, method)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -335,6 +335,8 @@ def lora_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale: float, dx_mode: int, 
     K, R = weight.shape[1], lora_a.shape[0]
     dt = dy.dtype
     gp, dbp = bwd_dy(dy, u, lora_b, splits)
+    if x_lora.dim() == 1:  # A frozen (x_lora of shape (0,), PSOFT): no dA, so no pass over x
+        return _bwd_a_frozen(dy, gp, dbp, weight, lora_a, scale, dx_mode)
     lora_dx = empty_out((M, K), like=dy, dtype=_out_dtype(dt)) if dx_mode else None
     dap = bwd_x(x_lora, gp, scale, lora_a, lora_dx, splits)
     db, da = _reduce2(dbp, (N, R), scale, dap, (R, K), 1.0, dt)
@@ -346,6 +348,22 @@ def lora_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale: float, dx_mode: int, 
             lora_dx.addmm_(dy, weight)
         return lora_dx, empty_out((0,), like=dy), da, db
     return torch.mm(dy, weight), lora_dx, da, db
+
+
+def _bwd_a_frozen(dy, gp, dbp, weight, lora_a, scale: float, dx_mode: int):
+    """The backward without dA: dB from its partials; with dx wanted, ``g = scale · Σ gp`` (M × R, rounded to
+    dy's dtype) and ``g A`` by cuBLAS, onto which cuBLAS adds ``dy W`` (mode 1) or which is kept apart (mode 2)."""
+    dt = dy.dtype
+    empty = lambda: empty_out((0,), like=dy)  # noqa: E731  (custom-op outputs may not alias each other)
+    db = (dbp.sum(0) * scale).to(dt)
+    if dx_mode == 0:
+        return empty(), empty(), empty(), db
+    lora_dx = torch.mm((gp.sum(0) * scale).to(dt), lora_a)
+    if dx_mode == 1:
+        if dy.shape[0] and dy.shape[1]:
+            lora_dx.addmm_(dy, weight)
+        return lora_dx, empty(), empty(), db
+    return torch.mm(dy, weight), lora_dx, empty(), db
 
 
 # ----------------------------------------------------------------------------------------------- AOT specs
