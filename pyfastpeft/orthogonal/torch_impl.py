@@ -29,7 +29,6 @@ Backward, weight side: ``dx = dy W'`` (the frozen layer's dgrad), ``E_g = x_gᵀ
 ``b × b`` blocks of ``xᵀ dx``) and ``dR_g = E_g R_g⁻ᵀ`` (``R_g`` itself for the exact, orthogonal transform;
 a batched inverse for the Neumann series). Input side, or no ``dx`` wanted: ``d = dy W``,
 ``dR_g = x_gᵀ d_g``, ``dx_g = d_g R_gᵀ``. ``dR`` is summed over g when one block is shared.
-
 """
 from __future__ import annotations
 
@@ -40,6 +39,7 @@ from torch import Tensor
 
 from pyfastpeft.core.alloc import empty_out
 from pyfastpeft.core.dtypes import acc_dtype
+from pyfastpeft.orthogonal.blocks import inv_transpose, oft_weight_side  # noqa: F401  (shared with Triton)
 
 
 
@@ -179,12 +179,6 @@ def cayley_bwd(dR: Tensor, v: Tensor, R: Tensor, block_size: int, method: str, c
 
 
 # --------------------------------------------------------------------------------------------- OFT
-def oft_weight_side(M: int, N: int) -> bool:
-    """Rotate the weight (``N·K·b`` FLOPs, one pass over ``W``) rather than the input (``M·K·b``, passes over
-    ``x`` and ``dy W``) when there are more tokens than output features: training batches, not decoding."""
-    return M > N
-
-
 def _rotate(t: Tensor, R: Tensor, transpose: bool) -> Tensor:
     """``t (M, K)`` block-wise times ``R_g`` (or ``R_gᵀ``), in R's dtype; ``R (G or 1, b, b)``."""
     M, K = t.shape
@@ -207,13 +201,6 @@ def diag_blocks(a: Tensor, c: Tensor, G: int, dtype: torch.dtype) -> Tensor:
     M, K = a.shape
     b = K // G
     return torch.bmm(a.to(dtype).reshape(M, G, b).permute(1, 2, 0), c.to(dtype).reshape(M, G, b).transpose(0, 1))
-
-
-def inv_transpose(R: Tensor, orthogonal: bool) -> Tensor:
-    """``R_g⁻ᵀ`` per block: ``R`` itself when orthogonal (exact Cayley), else a batched inverse (Neumann)."""
-    if orthogonal:
-        return R
-    return torch.linalg.inv_ex(R.transpose(1, 2))[0]  # no error check: no host sync (R_g is invertible, §3)
 
 
 def oft_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], R: Tensor) -> Tensor:

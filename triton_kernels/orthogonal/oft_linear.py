@@ -28,7 +28,7 @@ import triton.language as tl
 
 from pyfastpeft.core.alloc import empty_out
 from pyfastpeft.core.triton_config import AOTSpec, interpreting
-from pyfastpeft.orthogonal.torch_impl import inv_transpose, oft_weight_side
+from pyfastpeft.orthogonal.blocks import inv_transpose, oft_weight_side
 from pyfastpeft.triton_kernels.orthogonal._oft_cost import (  # noqa: F401  (re-exported for tests)
     diag_splits, oft_diag_cost, oft_rotate_cost, oft_tiles, oft_triton_supports)
 
