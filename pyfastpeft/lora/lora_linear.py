@@ -491,19 +491,13 @@ def _bwd_cost(args, kwargs, outputs):
     sp_x = rc.split_counts(M, K, bm, bk, rc.H100_SMS, rc.X_WEIGHTS)
     out = [launch("triton:lora_rank_bwd_dy", rc.rank_bwd_dy_cost(M, N, R, s, split=sp_dy, block_n=bn), dy.dtype,
                   ctas=sp_dy[0] * sp_dy[1])]
-    if x_lora.dim() == 1:  # A frozen (PSOFT): dB from its partials; g A by cuBLAS when dx is wanted
-        out.append(launch("torch:sum(dB partials)", rc.reduce_cost(s, (sp_dy[0], N, R)), dy.dtype,
-                          tensor_core=False))
-        if dx_mode:
-            out.append(launch("torch:sum(g partials)", rc.reduce_cost(s, (sp_dy[1], M, R)), dy.dtype,
-                              tensor_core=False))
-            out.append(launch("cublas:mm(g A)", rc.cublas_addmm_cost(M, K, R, s, beta=False), dy.dtype))
-    else:
+    frozen_a = x_lora.dim() == 1  # A frozen (PSOFT): no dA; the x pass only writes g A, without reading x
+    if dx_mode or not frozen_a:
         out.append(launch("triton:lora_rank_bwd_x", rc.rank_bwd_x_cost(M, K, R, s, split=sp_x, g_parts=sp_dy[1],
-                                                                      dx=dx_mode != 0), dy.dtype,
-                          ctas=sp_x[0] * sp_x[1]))
-        out.append(launch("triton:lora_rank_reduce(dB,dA)", rc.reduce_cost(s, (sp_dy[0], N, R), (sp_x[0], R, K)),
-                          dy.dtype, tensor_core=False))
+                                                                      dx=dx_mode != 0, da=not frozen_a),
+                          dy.dtype, ctas=sp_x[0] * sp_x[1]))
+    parts = ((sp_dy[0], N, R),) if frozen_a else ((sp_dy[0], N, R), (sp_x[0], R, K))
+    out.append(launch("triton:lora_rank_reduce(dB,dA)", rc.reduce_cost(s, *parts), dy.dtype, tensor_core=False))
     if dx_mode == 1:
         out.append(launch("cublas:addmm(C=dx)", rc.cublas_addmm_cost(M, K, N, s), dy.dtype))
     elif dx_mode == 2:

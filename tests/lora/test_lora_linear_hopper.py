@@ -23,6 +23,7 @@ from pyfastpeft.triton_kernels.lora import lora_linear as tk  # noqa: E402
 @pytest.fixture
 def hopper(monkeypatch):
     """Force the Hopper kernels; returns the list of Hopper launchers that ran."""
+    monkeypatch.setenv("PYFASTPEFT_TRITON_GEMM", "fused")  # the fused variant is where the Hopper kernels live
     monkeypatch.setattr(tk, "_FORCE_TMA", True)
     ran = []
     for name in ("_lora_fwd_hopper", "_lora_bwd_dx_hopper"):

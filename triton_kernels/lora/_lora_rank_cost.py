@@ -134,16 +134,19 @@ def rank_bwd_dy_cost(M: int, N: int, R: int, itemsize: int, *, split: tuple, blo
     return dict(flops=4 * M * N * R, read=read, write=(nc * M * R + mc * N * R) * F32)
 
 
-def rank_bwd_x_cost(M: int, K: int, R: int, itemsize: int, *, split: tuple, g_parts: int, dx: bool):
+def rank_bwd_x_cost(M: int, K: int, R: int, itemsize: int, *, split: tuple, g_parts: int, dx: bool,
+                    da: bool = True):
     """``_rank_bwd_x_kernel``: sums the dy pass's ``g_parts`` fp32 partials of g (``(g_parts, M, R)``, read
     once from HBM; each K chunk re-reads them from L2), and in one pass over x_lora gives ``dA`` partials per
-    M chunk (``(MC, R, K)`` fp32) and, with ``dx``, writes ``g A`` (dx, or dx_lora with dropout)."""
+    M chunk (``(MC, R, K)`` fp32) and, with ``dx``, writes ``g A`` (dx, or dx_lora with dropout). Without
+    ``da`` (A frozen) x_lora is not read and no dA partial is written."""
     mc, kc, rows, cols = split
     if not (M and K):
         return _zero()
-    read = (M * K + (R * K if dx else 0)) * itemsize + g_parts * M * R * F32
-    write = mc * R * K * F32 + (M * K * itemsize if dx else 0)
-    return dict(flops=2 * M * K * R * (2 if dx else 1) + g_parts * M * R, read=read, write=write)
+    read = ((M * K if da else 0) + (R * K if dx else 0)) * itemsize + g_parts * M * R * F32
+    write = (mc * R * K * F32 if da else 0) + (M * K * itemsize if dx else 0)
+    flops = 2 * M * K * R * ((1 if dx else 0) + (1 if da else 0)) + g_parts * M * R
+    return dict(flops=flops, read=read, write=write)
 
 
 def reduce_cost(itemsize: int, *buffers: tuple):

@@ -142,12 +142,12 @@ def _rank_bwd_x_kernel(
     xl_ptr, gp_ptr, a_ptr, dx_ptr, dap_ptr, M, K, R, ROWS, COLS, G_PARTS, scale,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
     DX: tl.constexpr, ROUND_G: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, HAS_DA: tl.constexpr = True,
 ):
     """Chunk (pid 0, pid 1) of x_lora: dA partial ``dap[pid0] = gᵀ x_lora`` over its rows (contiguous fp32
     ``(MC, R, K)``) and, with DX, ``dx = g A`` on its tiles. ``g = scale · Σ_p gp[p]`` is summed from the dy
     pass's ``G_PARTS`` partials in a fixed order (the same in every program) and, with ROUND_G, rounded to
-    x_lora's dtype as PyTorch's g is."""
+    x_lora's dtype as PyTorch's g is. Without HAS_DA (A frozen) x_lora is never read: only ``dx = g A``."""
     pm = tl.program_id(0)
     pk = tl.program_id(1)
     m_lo = pm * ROWS
@@ -172,11 +172,14 @@ def _rank_bwd_x_kernel(
             gt = gt * scale
             if ROUND_G:
                 gt = gt.to(xl_ptr.dtype.element_ty)
-            xt = tl.load(xl_ptr + rm[None, :] * stride_xm + rk[:, None] * stride_xk,  # x_loraᵀ (BLOCK_K, BLOCK_M)
-                         mask=m_ok[None, :] & k_ok[:, None], other=0.0)
             if UPCAST:
-                gt, xt = gt.to(tl.float32), xt.to(tl.float32)
-            acc_da = tl.dot(xt, gt, acc_da, input_precision=PRECISION)
+                gt = gt.to(tl.float32)
+            if HAS_DA:
+                xt = tl.load(xl_ptr + rm[None, :] * stride_xm + rk[:, None] * stride_xk,  # x_loraᵀ (BLOCK_K, BLOCK_M)
+                             mask=m_ok[None, :] & k_ok[:, None], other=0.0)
+                if UPCAST:
+                    xt = xt.to(tl.float32)
+                acc_da = tl.dot(xt, gt, acc_da, input_precision=PRECISION)
             if DX:
                 if PRECISION == "ieee":
                     lora = _rank1_expand(gt, rr, a_ptr + rk * stride_ak, stride_ar, k_ok, R, BLOCK_K)
@@ -188,7 +191,8 @@ def _rank_bwd_x_kernel(
                     lora = tl.dot(gt, at, input_precision=PRECISION)
                 tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk,
                          lora.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
-        tl.store(dap + rr[None, :] * K + rk[:, None], acc_da, mask=r_ok[None, :] & k_ok[:, None])
+        if HAS_DA:
+            tl.store(dap + rr[None, :] * K + rk[:, None], acc_da, mask=r_ok[None, :] & k_ok[:, None])
 
 
 @triton.jit
@@ -303,26 +307,28 @@ def bwd_dy(dy, u, lora_b, splits=None):
     return gp, dbp
 
 
-def bwd_x(x_lora, gp, scale: float, lora_a, dx_out, splits=None):
+def bwd_x(x_lora, gp, scale: float, lora_a, dx_out, splits=None, dy_dtype=None):
     """One pass over x_lora with ``g = scale · Σ gp`` (rounded to x_lora's dtype): fp32 partials
     ``dap (MC, R, K)`` of ``gᵀ x_lora``; with ``dx_out`` (M, K) also ``dx_out = g A``."""
-    M, K = x_lora.shape
+    has_da = x_lora is not None  # None: A frozen, only dx_out = g A (x_lora is never read)
+    src = x_lora if has_da else dx_out
+    M, K = src.shape
     R = lora_a.shape[0]
-    dt = x_lora.dtype
+    dt = dy_dtype if dy_dtype is not None else src.dtype
     if M == 0 or K == 0:
         if dx_out is not None:
             dx_out.zero_()
-        return torch.zeros((1, R, K), dtype=torch.float32, device=x_lora.device)
+        return torch.zeros((1, R, K), dtype=torch.float32, device=src.device)
     BM, BK, _, warps, stages = _cfg(dt, R)["x"]
-    mc, kc, rows, cols = _split(M, K, BM, BK, x_lora.device, splits, X_WEIGHTS)
-    dap = empty_out((mc, R, K), like=x_lora, dtype=torch.float32)
+    mc, kc, rows, cols = _split(M, K, BM, BK, src.device, splits, X_WEIGHTS)
+    dap = empty_out((mc, R, K) if has_da else (1,), like=src, dtype=torch.float32)
     has_dx = dx_out is not None
     _rank_bwd_x_kernel[(mc, kc)](
-        x_lora, gp, lora_a, dx_out if has_dx else dap, dap, M, K, R, rows, cols, gp.shape[0], float(scale),
-        x_lora.stride(0), x_lora.stride(1), lora_a.stride(0), lora_a.stride(1),
+        src, gp, lora_a, dx_out if has_dx else dap, dap, M, K, R, rows, cols, gp.shape[0], float(scale),
+        src.stride(0), src.stride(1), lora_a.stride(0), lora_a.stride(1),
         dx_out.stride(0) if has_dx else 0, dx_out.stride(1) if has_dx else 0,
         DX=has_dx, ROUND_G=not _upcast(dt), UPCAST=_upcast(dt), PRECISION=_precision(dt),
-        BLOCK_M=BM, BLOCK_K=BK, BLOCK_R=block_r(R), num_warps=warps, num_stages=stages,
+        BLOCK_M=BM, BLOCK_K=BK, BLOCK_R=block_r(R), HAS_DA=has_da, num_warps=warps, num_stages=stages,
     )
     return dap
 
@@ -336,7 +342,7 @@ def lora_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale: float, dx_mode: int, 
     dt = dy.dtype
     gp, dbp = bwd_dy(dy, u, lora_b, splits)
     if x_lora.dim() == 1:  # A frozen (x_lora of shape (0,), PSOFT): no dA, so no pass over x
-        return _bwd_a_frozen(dy, gp, dbp, weight, lora_a, scale, dx_mode)
+        return _bwd_a_frozen(dy, gp, dbp, weight, lora_a, scale, dx_mode, splits)
     lora_dx = empty_out((M, K), like=dy, dtype=_out_dtype(dt)) if dx_mode else None
     dap = bwd_x(x_lora, gp, scale, lora_a, lora_dx, splits)
     db, da = _reduce2(dbp, (N, R), scale, dap, (R, K), 1.0, dt)
@@ -350,17 +356,22 @@ def lora_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale: float, dx_mode: int, 
     return torch.mm(dy, weight), lora_dx, da, db
 
 
-def _bwd_a_frozen(dy, gp, dbp, weight, lora_a, scale: float, dx_mode: int):
-    """The backward without dA: dB from its partials; with dx wanted, ``g = scale · Σ gp`` (M × R, rounded to
-    dy's dtype) and ``g A`` by cuBLAS, onto which cuBLAS adds ``dy W`` (mode 1) or which is kept apart (mode 2)."""
+def _bwd_a_frozen(dy, gp, dbp, weight, lora_a, scale: float, dx_mode: int, splits=None):
+    """The backward without dA: dB from its partials (the reduction the full backward runs); with dx wanted,
+    ``g A`` by the x-pass kernel without its x loads (``HAS_DA=False``), onto which cuBLAS adds ``dy W``
+    (mode 1) or which is kept apart (mode 2). Bit-equal to the full backward's dx and dB."""
+    M, N = dy.shape
+    K, R = weight.shape[1], lora_a.shape[0]
     dt = dy.dtype
     empty = lambda: empty_out((0,), like=dy)  # noqa: E731  (custom-op outputs may not alias each other)
-    db = (dbp.sum(0) * scale).to(dt)
+    db, _ = _reduce2(dbp, (N, R), scale, dbp, (0,), 1.0, dt)
     if dx_mode == 0:
         return empty(), empty(), empty(), db
-    lora_dx = torch.mm((gp.sum(0) * scale).to(dt), lora_a)
+    lora_dx = empty_out((M, K), like=dy, dtype=_out_dtype(dt))
+    bwd_x(None, gp, scale, lora_a, lora_dx, splits, dy_dtype=dt)
+    lora_dx = _finish(lora_dx, dt)
     if dx_mode == 1:
-        if dy.shape[0] and dy.shape[1]:
+        if M and K and N:
             lora_dx.addmm_(dy, weight)
         return lora_dx, empty(), empty(), db
     return torch.mm(dy, weight), lora_dx, empty(), db
@@ -406,15 +417,16 @@ def _aot_specs() -> list[AOTSpec]:
                     dict(UPCAST=False, PRECISION=prec, BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR), w, s, ty,
                     fp32_ptrs=("gp_ptr", "dbp_ptr")))
                 BM, BK, _, w, s = cfg["x"]
-                for dx in (True, False):
+                # (DX, HAS_DA): dA and g A; dA only (no input gradient); g A only (A frozen: PSOFT)
+                for dx, da in ((True, True), (False, True), (True, False)):
                     specs.append(_spec(
-                        f"rank_bwd_x/{ty}/r{BR}/{BM}x{BK}" + ("" if dx else "/no-dx"), _rank_bwd_x_kernel,
-                        ["xl_ptr", "gp_ptr", "a_ptr", "dx_ptr", "dap_ptr"],
+                        f"rank_bwd_x/{ty}/r{BR}/{BM}x{BK}" + ("" if dx else "/no-dx") + ("" if da else "/no-da"),
+                        _rank_bwd_x_kernel, ["xl_ptr", "gp_ptr", "a_ptr", "dx_ptr", "dap_ptr"],
                         ["M", "K", "R", "ROWS", "COLS", "G_PARTS"],
                         ["stride_xm", "stride_xk", "stride_ar", "stride_ak", "stride_dxm", "stride_dxk"],
                         ["stride_xk", "stride_ak", "stride_dxk"],
                         dict(DX=dx, ROUND_G=True, UPCAST=False, PRECISION=prec, BLOCK_M=BM, BLOCK_K=BK,
-                             BLOCK_R=BR), w, s, ty, fp32_ptrs=("gp_ptr", "dap_ptr")))
+                             BLOCK_R=BR, HAS_DA=da), w, s, ty, fp32_ptrs=("gp_ptr", "dap_ptr")))
         specs.append(_spec(f"rank_reduce/{ty}", _reduce_kernel, ["p1_ptr", "out1_ptr", "p2_ptr", "out2_ptr"],
                            ["PARTS1", "NUMEL1", "PARTS2", "NUMEL2"], [], [], dict(BLOCK=_REDUCE_BLOCK), 4, 1, ty,
                            fp32_ptrs=("p1_ptr", "p2_ptr")))
