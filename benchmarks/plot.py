@@ -1,6 +1,6 @@
 """Plot ``pyfastpeft bench`` results: JSON or CSV in, PNG out (the same figure ``bench`` writes).
 
-    python benchmarks/plot.py benchmarks/results/cpu-amd-epyc-quick.json   # -> pyfastpeft-results/<name>.png
+    python benchmarks/plot.py benchmarks/results/cpu-intel-r-xeon-r-processor-2-00ghz-quick.json   # -> pyfastpeft-results/<name>.png
     python benchmarks/plot.py results.csv -o out.png --mode fwd
 
 The PNG goes to ``./pyfastpeft-results/`` (git-ignored) unless ``-o`` names a path, so re-plotting a committed
