@@ -11,7 +11,7 @@ import torch
 from pyfastpeft.core import backend as B
 from pyfastpeft.core import results, tune
 from pyfastpeft.tools import perf
-from tests.core.test_tune import CUDA, IDENT, FakeTimer, registry, x
+from tests.core.test_tune import CUDA, IDENT, FakeTimer, fake_machine, registry, x
 
 
 @pytest.fixture
@@ -20,13 +20,7 @@ def env(tmp_path, monkeypatch):
     for var in ("PYFASTPEFT_TUNE", "PYFASTPEFT_BACKEND", "PYFASTPEFT_RESULTS", "PYFASTPEFT_TRITON_EFFICIENCY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(results, "PACKAGE_DIR", tmp_path / "shipped")  # no shipped file unless a test writes one
-    ident = dict(IDENT)
-    monkeypatch.setattr(tune.hooks, "identity", lambda device: dict(ident))
-    monkeypatch.setattr(tune.hooks, "capturing", lambda device: False)
-    monkeypatch.setattr(tune.hooks, "measurable_device", lambda device: device.type == "cuda")
-    tune.clear_memory()
-    yield ident
-    tune.clear_memory()
+    yield from fake_machine(monkeypatch)
 
 
 def results_file(path, *, gpu="Fake GPU", cc="9.0", dispatch=None, efficiency=None, **machine):

@@ -32,6 +32,11 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("PYFASTPEFT_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("PYFASTPEFT_TUNE", raising=False)
     monkeypatch.delenv("PYFASTPEFT_BACKEND", raising=False)
+    yield from fake_machine(monkeypatch)
+
+
+def fake_machine(monkeypatch):
+    """A fake GPU identity and device check for the dispatch tests; yields the identity (a fixture body)."""
     ident = dict(IDENT)
     monkeypatch.setattr(tune.hooks, "identity", lambda device: dict(ident))
     monkeypatch.setattr(tune.hooks, "capturing", lambda device: False)

@@ -134,22 +134,16 @@ def _tma_cfg(bm, bn, bk, warps, stages, hook):
 
 # Hopper (sm_90) families, fp16/bf16 only, by rank bucket: every config reaches >= 2 CTAs per SM on sm_90a
 # with 0 spills (compile report, rows lora_fwd_tma/...).
-_FWD_TMA_FAMILIES = {
-    32: [_tma_cfg(128, 128, 64, 8, 2, _fwd_tma_hook), _tma_cfg(128, 128, 32, 8, 4, _fwd_tma_hook),
-         _tma_cfg(64, 128, 64, 4, 3, _fwd_tma_hook)],
-    64: [_tma_cfg(128, 128, 64, 8, 2, _fwd_tma_hook), _tma_cfg(128, 128, 32, 8, 4, _fwd_tma_hook),
-         _tma_cfg(64, 128, 64, 4, 3, _fwd_tma_hook)],
-    128: [_tma_cfg(64, 128, 32, 4, 3, _fwd_tma_hook)],
-}
+_FWD_TMA_SMALL_R = ((128, 128, 64, 8, 2), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3))  # r <= 32 and r <= 64
+_FWD_TMA_FAMILIES = {32: [_tma_cfg(*c, _fwd_tma_hook) for c in _FWD_TMA_SMALL_R],
+                     64: [_tma_cfg(*c, _fwd_tma_hook) for c in _FWD_TMA_SMALL_R],
+                     128: [_tma_cfg(64, 128, 32, 4, 3, _fwd_tma_hook)]}
 _INTERP_FWD_TMA = _tma_cfg(16, 32, 32, 1, 1, _fwd_tma_hook)
 # dx: output tile (BLOCK_M, BLOCK_K), reduction over N in BLOCK_N chunks
-_DX_TMA_FAMILIES = {
-    32: [_tma_cfg(128, 64, 128, 8, 2, _dx_tma_hook), _tma_cfg(128, 32, 128, 8, 4, _dx_tma_hook),
-         _tma_cfg(64, 64, 128, 4, 3, _dx_tma_hook)],
-    64: [_tma_cfg(128, 64, 128, 8, 2, _dx_tma_hook), _tma_cfg(128, 32, 128, 8, 4, _dx_tma_hook),
-         _tma_cfg(64, 64, 128, 4, 3, _dx_tma_hook)],
-    128: [_tma_cfg(64, 32, 128, 4, 3, _dx_tma_hook)],
-}
+_DX_TMA_SMALL_R = ((128, 64, 128, 8, 2), (128, 32, 128, 8, 4), (64, 64, 128, 4, 3))
+_DX_TMA_FAMILIES = {32: [_tma_cfg(*c, _dx_tma_hook) for c in _DX_TMA_SMALL_R],
+                    64: [_tma_cfg(*c, _dx_tma_hook) for c in _DX_TMA_SMALL_R],
+                    128: [_tma_cfg(64, 32, 128, 4, 3, _dx_tma_hook)]}
 _INTERP_DX_TMA = _tma_cfg(16, 32, 32, 1, 1, _dx_tma_hook)
 # persistent grids: this many programs per SM (the configs above fit two CTAs per SM)
 PERSISTENT_CTAS_PER_SM = 2
