@@ -95,18 +95,8 @@ TRITON_VARIANTS = ("vendor", "fused")  # in preference order: a tie in a measure
 STATIC_VARIANT = "vendor"
 _TRITON_IMPLS = {
     "lora_linear_fwd": {"vendor": lambda *a: _rk().lora_fwd(*a), "fused": lambda *a: _tk().lora_fwd(*a)},
-    "lora_linear_bwd": {"vendor": lambda *a: _rk().lora_bwd(*a), "fused": lambda *a: _fused_bwd(*a)},
+    "lora_linear_bwd": {"vendor": lambda *a: _rk().lora_bwd(*a), "fused": lambda *a: _tk().lora_bwd(*a)},
 }
-
-
-def _fused_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode):
-    tk = _tk()
-    if x_lora.dim() != 1:
-        return tk.lora_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale, dx_mode)
-    # A frozen (x_lora of shape (0,)): the dx kernel (when dx is wanted) and the dB reduction, no dA
-    empty = lambda: dy.new_empty((0,))  # noqa: E731  (distinct tensors: custom-op outputs may not alias)
-    dx, dxl = tk.bwd_dx(dy, weight, lora_a, lora_b, scale, dx_mode)[:2] if dx_mode else (empty(), empty())
-    return dx, dxl, empty(), tk.matmul_tn(dy, u, scale)
 
 
 def triton_gemm_setting() -> str:

@@ -884,7 +884,12 @@ def _lora_bwd_dx_hopper(dy, weight, lora_a, lora_b, dx, dxl, g, selected, scale,
 
 
 def lora_bwd(dy, x_lora, u, weight, lora_a, lora_b, scale: float, dx_mode: int):
-    """(dx, dx_lora, dA, dB) of the fallback contract (``pyfastpeft.lora.torch_impl.bwd``)."""
+    """(dx, dx_lora, dA, dB) of the fallback contract (``pyfastpeft.lora.torch_impl.bwd``); an ``x_lora`` of
+    shape ``(0,)`` (A frozen) skips dA, and the dx kernel too when no dx is wanted."""
+    if x_lora.dim() == 1:
+        empty = lambda: empty_out((0,), like=dy)  # noqa: E731  (custom-op outputs may not alias each other)
+        dx, dxl = bwd_dx(dy, weight, lora_a, lora_b, scale, dx_mode)[:2] if dx_mode else (empty(), empty())
+        return dx, dxl, empty(), matmul_tn(dy, u, scale)
     dx, dxl, g = bwd_dx(dy, weight, lora_a, lora_b, scale, dx_mode)  # g is rounded like PyTorch's
     da = matmul_tn(g, x_lora, 1.0)
     db = matmul_tn(dy, u, scale)
